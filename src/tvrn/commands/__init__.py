@@ -1,0 +1,1 @@
+"""Subcommands of the `tvrn` CLI, one module each (see tvrn.cli)."""
