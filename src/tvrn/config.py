@@ -1,0 +1,118 @@
+"""Run configuration: presets are JSON data; flags override them; the resolved config is saved with the run.
+
+A run config has three sections:
+
+    {"model": {"name": "tvrn_sgr", ...model config overrides...},
+     "data":  {"root": ..., "vocab": ..., "train_split": "train", "dev_split": "dev", ...},
+     "train": {...tvrn.train.TrainConfig fields...},
+     "eval":  {"split": "test", "protocol": "f30k_1k"}}
+
+Presets ship inside the package (`tvrn/configs/*.json`, listed by `list_presets()`); a config argument is a
+preset name or a path to a JSON file. A preset may name a parent with `"base": "other_preset"`; the child's
+values are merged over the parent's.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file or key."""
+
+
+def _preset_dir():
+    return resources.files("tvrn") / "configs"
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped with the package."""
+    return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".json"))
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Return base with `over` merged in, recursively for nested dicts (over wins)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_json(path, label: str) -> dict:
+    try:
+        text = Path(path).read_text() if not hasattr(path, "read_text") else path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {label}: {e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config {label} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {label} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_config(name_or_path: str, _seen: tuple = ()) -> dict:
+    """Load a preset by name (see `list_presets()`) or a JSON file by path, resolving `base` chains."""
+    if os.path.sep in name_or_path or name_or_path.endswith(".json") or os.path.exists(name_or_path):
+        label = str(name_or_path)
+        if not os.path.exists(name_or_path):
+            raise ConfigError(f"config file {name_or_path} does not exist")
+        data = _read_json(Path(name_or_path), label)
+    else:
+        entry = _preset_dir() / f"{name_or_path}.json"
+        if not entry.is_file():
+            raise ConfigError(f"no preset named {name_or_path!r}; presets: {', '.join(list_presets())}")
+        data = _read_json(entry, f"preset {name_or_path!r}")
+    base = data.pop("base", None)
+    if base:
+        if base in _seen:
+            raise ConfigError(f"config {name_or_path}: base chain loops back to {base!r}")
+        data = deep_merge(load_config(base, _seen + (name_or_path,)), data)
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-4' -> (['train', 'lr'], 0.0001). Values are parsed as JSON, else kept as strings."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
+    """Return a copy of config with `section.key=value` overrides applied (creating keys as needed)."""
+    out = copy.deepcopy(config)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return out
+
+
+def save_config(config: dict, path) -> None:
+    """Write the resolved config as JSON, atomically (temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
