@@ -1,0 +1,332 @@
+"""Reader for SCAN's "precomp" layout (one folder per dataset, files prefixed by the split name).
+
+| file                 | content                                                     | required |
+|----------------------|-------------------------------------------------------------|----------|
+| SPLIT_ims.npy        | float32 (N_img, R, Dv) region features                      | yes      |
+| SPLIT_caps.txt       | one caption per line, 5 consecutive lines per image         | yes      |
+| SPLIT_ids.txt        | one original image id per line                              | no       |
+| SPLIT_ims_bbx.npy    | (N_img, R, 4) region boxes x1, y1, x2, y2 in pixels         | no       |
+| SPLIT_ims_size.npy   | (N_img, 2) image width, height                              | no       |
+
+Two layouts are accepted: 5 captions per image (N_caps == 5 * N_img), and the variant that repeats each
+image 5 times (N_img == N_caps); in both, caption i belongs to image i // 5, and the reader exposes unique
+images only (unique image u is row 5 * u of a repeated file). The optional files may have one row per row
+of SPLIT_ims.npy or one per unique image; SPLIT_ids.txt may also have one line per caption.
+
+Feature files are never read whole: `np.load(mmap_mode="r")` parses the header (shape, dtype, data offset),
+then the requested rows are copied out with positional reads (`os.preadv`), one read per contiguous run of
+rows. Plain reads go through the page cache, which does not count toward the process's resident memory, so
+memory stays flat however large the file is, and the reader is safe to share with DataLoader workers.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import (
+    CaptionCountError,
+    FeatureFileError,
+    EmptyCaptionError,
+    MissingFileError,
+    NonFiniteFeatureError,
+)
+from .geometry import check_boxes
+
+SPLITS = ("train", "dev", "test", "testall")
+CAPTIONS_PER_IMAGE = 5
+COCO_DEV_CAPTIONS = 5000  # COCO validation: the first 5000 dev captions (1000 images)
+Indices = Union[int, Sequence[int], np.ndarray, slice]
+
+
+class NpyRows:
+    """Row reader for a C-ordered .npy file: rows(file_rows) -> (n, *row_shape) copies of those rows only."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            mm = np.load(path, mmap_mode="r")  # parses the header only; no data page is touched
+        except (ValueError, OSError, EOFError) as e:  # truncated file, not a .npy file, unreadable
+            raise FeatureFileError(path, f"cannot open as a .npy array ({e})") from e
+        if not mm.flags.c_contiguous or mm.ndim < 1:
+            raise FeatureFileError(path, "expected a C-ordered array with at least one axis")
+        self.shape: tuple[int, ...] = tuple(mm.shape)
+        self.dtype: np.dtype = mm.dtype
+        self.offset: int = int(mm.offset)
+        del mm
+        self.row_shape = self.shape[1:]
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self._fd: Optional[int] = None
+        self._pid: Optional[int] = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # reopen in a forked worker: no shared state
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fd"] = state["_pid"] = None
+        return state
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+    def _read_into(self, buf: np.ndarray, first_row: int) -> None:
+        """Fill buf (a C-contiguous block of whole rows) from the file starting at first_row."""
+        view = memoryview(buf.reshape(-1).view(np.uint8))
+        pos, done = self.offset + first_row * self.row_bytes, 0
+        fd = self._file()
+        while done < len(view):
+            if hasattr(os, "preadv"):
+                n = os.preadv(fd, [view[done:]], pos + done)
+            else:  # pragma: no cover - platforms without preadv
+                data = os.pread(fd, len(view) - done, pos + done)
+                n = len(data)
+                view[done:done + n] = data
+            if n == 0:
+                raise FeatureFileError(self.path, f"file is truncated (rows from {first_row} are missing)")
+            done += n
+
+    def rows(self, file_rows: np.ndarray) -> np.ndarray:
+        """file_rows (n,) int -> (n, *row_shape) array, in the order given (repeats allowed)."""
+        file_rows = np.asarray(file_rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(file_rows),) + self.row_shape, dtype=self.dtype)
+        if len(file_rows) == 0:
+            return out
+        if file_rows.min() < 0 or file_rows.max() >= len(self):
+            raise IndexError(f"rows out of range 0..{len(self) - 1} in {self.path}")
+        order = np.argsort(file_rows, kind="stable")
+        sorted_rows = file_rows[order]
+        if np.array_equal(order, np.arange(len(order))) and np.all(np.diff(sorted_rows) == 1):
+            self._read_into(out, int(sorted_rows[0]))  # the common case: one contiguous run, read in place
+            return out
+        # group the sorted rows into contiguous runs (repeats are read once), one read per run
+        unique_rows, inverse = np.unique(sorted_rows, return_inverse=True)
+        block = np.empty((len(unique_rows),) + self.row_shape, dtype=self.dtype)
+        breaks = np.flatnonzero(np.diff(unique_rows) != 1) + 1
+        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(unique_rows)]):
+            self._read_into(block[start:stop], int(unique_rows[start]))
+        out[order] = block[inverse]
+        return out
+
+
+def _read_lines(path: str) -> list[str]:
+    """Lines of a UTF-8 text file, stripped; a trailing newline does not make an extra line."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+def _as_indices(indices: Indices, n: int) -> np.ndarray:
+    """int / sequence / slice -> (k,) int64 indices into range(n); negative ints count from the end."""
+    if isinstance(indices, slice):
+        return np.arange(n, dtype=np.int64)[indices]
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    idx = np.where(idx < 0, idx + n, idx)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"image index out of range 0..{n - 1}: {indices}")
+    return idx
+
+
+class PrecompSplit:
+    """One split of a precomp dataset.
+
+    num_images:       N_img unique images; num_captions: N_caps = 5 * N_img captions
+    captions:         list of N_caps caption strings (stripped)
+    caption_to_image: (N_caps,) int64, image index of each caption (i // 5)
+    image_features(indices) -> (n, R, Dv) float32; boxes(indices) -> (n, R, 4) float32 or None
+    sizes:            (N_img, 2) float32 width, height, or None; ids: list of N_img str, or None
+
+    `limit_captions` keeps only the first captions (a multiple of 5) and their images: COCO validation uses
+    `limit_captions=COCO_DEV_CAPTIONS` on dev. `check_finite` checks every feature row as it is read
+    (raises `NonFiniteFeatureError`); `validate()` checks the whole split in chunks.
+    """
+
+    def __init__(
+        self,
+        root: "str | os.PathLike[str]",
+        split: str,
+        limit_captions: Optional[int] = None,
+        check_finite: bool = True,
+    ):
+        self.root = os.fspath(root)
+        self.split = split
+        self.check_finite = check_finite
+        self.features_file = self._path("ims.npy")
+        self.captions_file = self._path("caps.txt")
+        for path, what in ((self.features_file, "image features"), (self.captions_file, "captions")):
+            if not os.path.isfile(path):
+                raise MissingFileError(path, f"{what} file of split {split!r}")
+
+        self._features = NpyRows(self.features_file)
+        if self._features.dtype != np.float32 or len(self._features.shape) != 3:
+            raise FeatureFileError(
+                self.features_file,
+                f"expected float32 (N_img, R, Dv), got {self._features.dtype} {self._features.shape}",
+            )
+        captions = _read_lines(self.captions_file)
+        for i, c in enumerate(captions):
+            if not c:
+                raise EmptyCaptionError(self.captions_file, i + 1)
+
+        # layout: 5 captions per image, or every image repeated 5 times (then unique image u is row 5u)
+        n_rows, n_caps = len(self._features), len(captions)
+        if n_caps > 0 and n_caps == CAPTIONS_PER_IMAGE * n_rows:
+            self.repeated_images = False
+        elif n_caps > 0 and n_rows == n_caps and n_caps % CAPTIONS_PER_IMAGE == 0:
+            self.repeated_images = True
+        else:
+            raise CaptionCountError(n_rows, n_caps, self.features_file, self.captions_file)
+        self._row_stride = CAPTIONS_PER_IMAGE if self.repeated_images else 1
+
+        if limit_captions is not None:
+            if limit_captions <= 0 or limit_captions % CAPTIONS_PER_IMAGE:
+                raise ValueError(f"limit_captions must be a positive multiple of 5, got {limit_captions}")
+            captions = captions[:limit_captions]
+        self.captions: list[str] = captions
+        self.num_captions = len(captions)
+        self.num_images = self.num_captions // CAPTIONS_PER_IMAGE
+        self.caption_to_image = np.arange(self.num_captions, dtype=np.int64) // CAPTIONS_PER_IMAGE
+
+        self.boxes_file = self._path("ims_bbx.npy")
+        self._boxes: Optional[NpyRows] = None
+        self._boxes_stride = 1
+        if os.path.isfile(self.boxes_file):
+            self._boxes = NpyRows(self.boxes_file)
+            if len(self._boxes.shape) != 3 or self._boxes.shape[1:] != (self._features.shape[1], 4):
+                raise FeatureFileError(
+                    self.boxes_file, f"expected (N_img, {self._features.shape[1]}, 4), got {self._boxes.shape}"
+                )
+            self._boxes_stride = self._stride_for(len(self._boxes), self.boxes_file)
+
+        self.sizes_file = self._path("ims_size.npy")
+        self.sizes: Optional[np.ndarray] = None
+        if os.path.isfile(self.sizes_file):
+            sizes = np.load(self.sizes_file)
+            if sizes.ndim != 2 or sizes.shape[1] != 2:
+                raise FeatureFileError(self.sizes_file, f"expected (N_img, 2) width, height, got {sizes.shape}")
+            stride = self._stride_for(len(sizes), self.sizes_file)
+            self.sizes = np.ascontiguousarray(sizes[::stride][: self.num_images], dtype=np.float32)
+
+        self.ids_file = self._path("ids.txt")
+        self.ids: Optional[list[str]] = None
+        if os.path.isfile(self.ids_file):
+            ids = _read_lines(self.ids_file)
+            stride = self._stride_for(len(ids), self.ids_file, allow_per_caption=True)
+            self.ids = ids[::stride][: self.num_images]
+
+    # --- files ---
+
+    def _path(self, suffix: str) -> str:
+        return os.path.join(self.root, f"{self.split}_{suffix}")
+
+    def _stride_for(self, n: int, path: str, allow_per_caption: bool = False) -> int:
+        """Rows of an optional per-image file: one per feature row, or one per unique image (or per caption)."""
+        n_rows = len(self._features)
+        n_unique = n_rows // self._row_stride
+        if n == n_rows:
+            return self._row_stride
+        if n == n_unique or (allow_per_caption and n == CAPTIONS_PER_IMAGE * n_unique):
+            return 1 if n == n_unique else CAPTIONS_PER_IMAGE
+        expected = sorted({n_rows, n_unique} | ({CAPTIONS_PER_IMAGE * n_unique} if allow_per_caption else set()))
+        raise FeatureFileError(path, f"has {n} rows, expected one of {expected} to match {self.features_file}")
+
+    # --- shapes ---
+
+    @property
+    def num_regions(self) -> int:
+        """R, regions per image."""
+        return self._features.shape[1]
+
+    @property
+    def feature_size(self) -> int:
+        """Dv, region feature size."""
+        return self._features.shape[2]
+
+    @property
+    def has_boxes(self) -> bool:
+        return self._boxes is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"PrecompSplit(root={self.root!r}, split={self.split!r}, num_images={self.num_images}, "
+            f"num_captions={self.num_captions}, R={self.num_regions}, Dv={self.feature_size}, "
+            f"boxes={self.has_boxes}, repeated_images={self.repeated_images})"
+        )
+
+    # --- rows ---
+
+    def image_features(self, indices: Indices) -> np.ndarray:
+        """Region features of the images `indices` (n,) -> (n, R, Dv) float32; reads only those rows.
+
+        With check_finite, raises `NonFiniteFeatureError` naming the first image with NaN / inf.
+        """
+        idx = _as_indices(indices, self.num_images)
+        feats = self._features.rows(idx * self._row_stride)
+        if self.check_finite:
+            self._check_finite(feats, idx)
+        return feats
+
+    def boxes(self, indices: Indices) -> Optional[np.ndarray]:
+        """Region boxes of the images `indices` (n,) -> (n, R, 4) float32 x1, y1, x2, y2, or None without a
+        boxes file. Raises `DegenerateBoxError` (file, image, region, box) for a box with x2 < x1 or y2 < y1."""
+        if self._boxes is None:
+            return None
+        idx = _as_indices(indices, self.num_images)
+        boxes = self._boxes.rows(idx * self._boxes_stride).astype(np.float32, copy=False)
+        check_boxes(boxes, index=idx, file=self.boxes_file)
+        return boxes
+
+    def _check_finite(self, feats: np.ndarray, idx: np.ndarray) -> None:
+        finite = np.isfinite(feats).all(axis=tuple(range(1, feats.ndim)))  # (n,)
+        if not finite.all():
+            raise NonFiniteFeatureError(self.features_file, int(idx[np.argmin(finite)]))
+
+    def iter_chunks(self, max_bytes: int = 64 << 20) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream the split in order: yields (indices (n,), features (n, R, Dv)) with n * R * Dv * 4 <= max_bytes."""
+        per_chunk = max(1, max_bytes // self._features.row_bytes)
+        for start in range(0, self.num_images, per_chunk):
+            idx = np.arange(start, min(start + per_chunk, self.num_images), dtype=np.int64)
+            yield idx, self.image_features(idx)
+
+    def validate(self, max_bytes: int = 64 << 20) -> None:
+        """Read the whole split in chunks of at most max_bytes and check it: finite features (always, whatever
+        check_finite says), valid boxes, finite sizes. Raises the first problem found (a `TvrnDataError`)."""
+        per_chunk = max(1, max_bytes // self._features.row_bytes)
+        for start in range(0, self.num_images, per_chunk):
+            idx = np.arange(start, min(start + per_chunk, self.num_images), dtype=np.int64)
+            self._check_finite(self._features.rows(idx * self._row_stride), idx)
+            self.boxes(idx)
+        if self.sizes is not None:
+            finite = np.isfinite(self.sizes).all(1)
+            if not finite.all():
+                raise NonFiniteFeatureError(self.sizes_file, int(np.argmin(finite)), what="size")
+
+
+def load_split(
+    root: "str | os.PathLike[str]",
+    split: str,
+    limit_captions: Optional[int] = None,
+    check_finite: bool = True,
+    validate: bool = False,
+) -> PrecompSplit:
+    """Open a precomp split. `split` is a file prefix (train, dev, test, testall), or "dev_5k" for the first
+    5000 dev captions (COCO validation). With validate, the whole split is checked once (reads every row)."""
+    if split == "dev_5k":
+        split, limit_captions = "dev", COCO_DEV_CAPTIONS if limit_captions is None else limit_captions
+    ds = PrecompSplit(root, split, limit_captions=limit_captions, check_finite=check_finite)
+    if validate:
+        ds.validate()
+    return ds
