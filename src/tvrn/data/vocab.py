@@ -167,6 +167,7 @@ class Vocabulary:
                 json.dump(self.to_json_dict(), f, ensure_ascii=False)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a vocabulary is an ordinary shared file
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
