@@ -1,0 +1,113 @@
+"""The one interface of every model, and the encoded-batch containers it passes around.
+
+    enc_i = model.encode_image(images)   # per-image work, once per image
+    enc_t = model.encode_text(texts)     # per-caption work, once per caption
+    model.score(enc_i[i0:i1], enc_t[t0:t1])  # (Ni, Nt) pair work, rows images, columns captions
+
+Encoded containers hold only tensors whose first axis is the item axis (Ni or Nt); fields a model does not
+compute are None. Slicing slices every field together; `.to(device)` moves them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+
+
+class _Encoded:
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    def __getitem__(self, idx):
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def to(self, device=None, dtype=None):
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                out[f.name] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+        return replace(self, **out)
+
+    @classmethod
+    def cat(cls, items):
+        """Concatenate along the item axis (same token counts)."""
+        items = list(items)
+        return cls(**{f.name: (None if getattr(items[0], f.name) is None
+                               else torch.cat([getattr(x, f.name) for x in items]))
+                      for f in fields(cls)})
+
+
+@dataclass
+class EncodedImages(_Encoded):
+    """Per-image work of Ni images.
+
+    regions:   (Ni, R, D) content IRs V (unit length, padded rows zero)
+    mask:      (Ni, R) bool real regions
+    units:     (Ni, R', D) unified IRs U (R' = 2R with module 1, else U = V), or None
+    units_mask:(Ni, R') bool
+    glob:      (Ni, D) global IR g (TVRN / SGRAF) or pooled vector (VSE)
+    gate:      (Ni, R') module-3 log-gates lambda * <U_r, g>, or None
+    ctx_keys:  (Ni, R, D) Wk C, keys of module 2's attention, or None
+    ctx_gates: (Ni, R, 3D) W_ih C, GRU input gates of the context IRs (module 2 shortcut), or None
+    ctx_gram:  (Ni, R, R) C C^T, for ||sum_r a_r C_r|| (module 2 shortcut), or None
+    """
+
+    regions: torch.Tensor
+    mask: torch.Tensor
+    units: Optional[torch.Tensor] = None
+    units_mask: Optional[torch.Tensor] = None
+    glob: Optional[torch.Tensor] = None
+    gate: Optional[torch.Tensor] = None
+    ctx_keys: Optional[torch.Tensor] = None
+    ctx_gates: Optional[torch.Tensor] = None
+    ctx_gram: Optional[torch.Tensor] = None
+
+
+@dataclass
+class EncodedTexts(_Encoded):
+    """Per-caption work of Nt captions.
+
+    words:      (Nt, L, D) content TRs T (unit length, padded rows zero)
+    mask:       (Nt, L) bool real words
+    glob:       (Nt, D) caption vector: t_glo when it is per caption (SGRAF), the shortlist vector (TVRN),
+                or the pooled vector (VSE)
+    ctx_queries:(Nt, L, D) Wq T_ctx, queries of module 2's attention, or None
+    hidden:     (Nt, D) refinement GRU state after the caption's real words (module 2), or None
+    refined:    (Nt, L, D) first half of the refined TRs, l2(z_t + T_t) (module 2), or None
+    refined_local: (Nt, L, D) the text pooling's local embedding of `refined` (module 2), or None
+    """
+
+    words: torch.Tensor
+    mask: torch.Tensor
+    glob: Optional[torch.Tensor] = None
+    ctx_queries: Optional[torch.Tensor] = None
+    hidden: Optional[torch.Tensor] = None
+    refined: Optional[torch.Tensor] = None
+    refined_local: Optional[torch.Tensor] = None
+
+
+class RetrievalModel(nn.Module):
+    """Base of every model: encode_image, encode_text, score (Ni, Nt), forward = score of the encodings."""
+
+    config: ModelConfig
+
+    def encode_image(self, images) -> EncodedImages:
+        raise NotImplementedError
+
+    def encode_text(self, texts) -> EncodedTexts:
+        raise NotImplementedError
+
+    def score(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images, texts) -> torch.Tensor:
+        """ImageBatch (Ni), TextBatch (Nt) -> scores (Ni, Nt)."""
+        return self.score(self.encode_image(images), self.encode_text(texts))

@@ -1,0 +1,204 @@
+"""Shared blocks: l2 / masked reductions, the attention primitive, IoU-masked spatial attention, self-attention
+pooling, a masked GRU scan, region encoder, and SGR / SAF reasoning.
+
+Shapes: B batch, R regions, L words, D joint size, S similarity size, Ni / Nt images / captions in a block.
+Masks are bool, True for real tokens. Masked entries never receive weight: logits are filled with a large
+negative number (exp underflows to exactly 0; unlike -inf an all-masked row stays finite).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EPS = 1e-8
+NEG = -1e9  # logit for masked entries: exp(NEG - max) == 0 in float32
+
+
+def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """x / (||x|| + 1e-8) along `dim`."""
+    return x / (x.norm(dim=dim, keepdim=True) + EPS)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the token axis. x (..., N, D), mask broadcastable to (..., N) -> (..., D)."""
+    m = mask.to(x.dtype).unsqueeze(-1)  # (..., N, 1)
+    return (x * m).sum(-2) / m.sum(-2).clamp_min(1.0)
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return torch.softmax(logits.masked_fill(~mask, NEG), dim=dim)
+
+
+def attention_weights(scores: torch.Tensor, mask: torch.Tensor, lam: float,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SCAN's attention weights from raw scores.
+
+    scores (..., Lq, Lc): s[i, j] = <key_j, query_i>; mask broadcastable to (..., Lq, Lc), True where query i may
+    attend context j. The scores are rectified (LeakyReLU 0.1), l2-normalised across the queries i for each
+    context j (masked entries excluded), then a softmax over j of lam * s (+ bias, a log-prior over j).
+    Returns (..., Lq, Lc); rows of padded queries are finite garbage the caller must ignore.
+    """
+    s = F.leaky_relu(scores, 0.1).masked_fill(~mask, 0.0)
+    s = l2norm(s, dim=-2)  # across queries
+    logits = lam * s
+    if bias is not None:
+        logits = logits + bias
+    return masked_softmax(logits, mask.expand_as(logits), dim=-1)
+
+
+class Attention(nn.Module):
+    """Attn(Q, C) of DESIGN section 3 within one sequence set (relational / textual context).
+
+    queries (B, Lq, D), context (B, Lc, D), mask (B, Lq, Lc) -> (B, Lq, D), unit length:
+    s[i, j] = <Wk C_j, Wq Q_i>, weights by `attention_weights`, output_i = l2(sum_j a[i, j] C_j).
+    With cosine=True the projected vectors are l2-normalised first (scores are cosines; spatial context).
+    """
+
+    def __init__(self, dim: int, lam: float, cosine: bool = False):
+        super().__init__()
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.lam = lam
+        self.cosine = cosine
+
+    def forward(self, queries, context, mask):
+        q, k = self.q(queries), self.k(context)  # (B, Lq, D), (B, Lc, D)
+        if self.cosine:
+            q, k = l2norm(q), l2norm(k)
+        s = q @ k.transpose(1, 2)  # (B, Lq, D) @ (B, D, Lc) -> (B, Lq, Lc)
+        a = attention_weights(s, mask, self.lam)  # (B, Lq, Lc)
+        return l2norm(a @ context)  # (B, Lq, Lc) @ (B, Lc, D) -> (B, Lq, D)
+
+
+def pair_mask(qmask: torch.Tensor, cmask: torch.Tensor) -> torch.Tensor:
+    """(B, Lq), (B, Lc) -> (B, Lq, Lc)."""
+    return qmask[:, :, None] & cmask[:, None, :]
+
+
+def spatial_mask(adjacency: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """IoU adjacency (B, R, R) restricted to real regions, diagonal always True for real regions."""
+    eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
+    return (adjacency.bool() | eye) & pair_mask(mask, mask)  # (B, R, R)
+
+
+class SelfAttentionPool(nn.Module):
+    """SGRAF's VisualSA / TextSA: pool tokens with weights guided by their (masked) mean.
+
+    x (..., N, D), mask broadcastable to (..., N) -> (..., D), unit length. w_n = softmax_n(W_c (e_n * e_g)),
+    e_n = drop(tanh(norm(W_l x_n))), e_g = drop(tanh(norm(W_g mean(x)))). `norm` is LayerNorm over D (the
+    official VisualSA's BatchNorm sized to 72 tokens depends on the token count and on the other images of the
+    batch) or none (TextSA). Works for any N.
+    """
+
+    def __init__(self, dim: int, dropout: float, layer_norm: bool):
+        super().__init__()
+        self.local = nn.Linear(dim, dim)
+        self.glob = nn.Linear(dim, dim)
+        self.local_norm = nn.LayerNorm(dim) if layer_norm else nn.Identity()
+        self.glob_norm = nn.LayerNorm(dim) if layer_norm else nn.Identity()
+        self.common = nn.Linear(dim, 1, bias=False)  # a bias would cancel in the softmax (SGRAF has one)
+        self.drop = nn.Dropout(dropout)
+
+    def embed_local(self, x):
+        """(..., N, D) -> (..., N, D); per token, so a caller may precompute it for a fixed part of x."""
+        return self.drop(torch.tanh(self.local_norm(self.local(x))))
+
+    def forward(self, x, mask, local=None):
+        mask = mask.expand(x.shape[:-1])  # (..., N)
+        e_g = self.drop(torch.tanh(self.glob_norm(self.glob(masked_mean(x, mask)))))  # (..., D)
+        e_l = self.embed_local(x) if local is None else local  # (..., N, D)
+        w = self.common(e_l * e_g.unsqueeze(-2)).squeeze(-1)  # (..., N)
+        w = masked_softmax(w, mask)  # (..., N)
+        return l2norm((w.unsqueeze(-1) * x).sum(-2))  # (..., D)
+
+
+def gru_scan(cell: nn.GRUCell, gi: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor | None = None):
+    """Run a GRU cell over T steps whose input gates are precomputed; masked steps leave the state unchanged.
+
+    gi (..., T, 3D) = W_ih x_t + b_ih (PyTorch gate order r, z, n); mask broadcastable to (..., T);
+    h0 broadcastable to (..., D) or None (zeros). Returns outputs (..., T, D) and the last state (..., D).
+    Batch dims broadcast, so a per-caption h0 (1, Nt, D) with per-pair gi (Ni, Nt, T, 3D) costs no copy.
+    """
+    D = cell.hidden_size
+    h = gi.new_zeros(gi.shape[:-2] + (D,)) if h0 is None else h0
+    mask = mask.expand(gi.shape[:-1])  # (..., T)
+    out = []
+    for t in range(gi.shape[-2]):
+        gh = F.linear(h, cell.weight_hh, cell.bias_hh)  # (..., 3D)
+        x_r, x_z, x_n = gi[..., t, :].chunk(3, -1)  # 3 x (..., D)
+        h_r, h_z, h_n = gh.chunk(3, -1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        h_new = (1 - z) * n + z * h
+        h = torch.where(mask[..., t, None], h_new, h)  # (..., D)
+        out.append(h)
+    return torch.stack(out, -2), h  # (..., T, D), (..., D)
+
+
+def gru_input(cell: nn.GRUCell, x: torch.Tensor) -> torch.Tensor:
+    """(..., T, Din) -> (..., T, 3D) input gates of every step in one matmul."""
+    return F.linear(x, cell.weight_ih, cell.bias_ih)
+
+
+class RegionEncoder(nn.Module):
+    """Region features (B, R, Dv), mask (B, R) -> content IRs V = l2(FC(F)) (B, R, D), padded rows zero."""
+
+    def __init__(self, img_dim: int, embed_size: int):
+        super().__init__()
+        self.fc = nn.Linear(img_dim, embed_size)
+        r = math.sqrt(6.0) / math.sqrt(img_dim + embed_size)  # SCAN / SGRAF init
+        nn.init.uniform_(self.fc.weight, -r, r)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, features, mask):
+        return l2norm(self.fc(features)) * mask.unsqueeze(-1)  # (B, R, D)
+
+
+class GraphReasoning(nn.Module):
+    """SGR: `steps` rounds of N <- relu(W_g softmax((W_q N)(W_k N)^T) N) over nodes (B, n, S), masked keys."""
+
+    def __init__(self, sim_dim: int, steps: int):
+        super().__init__()
+        self.steps = nn.ModuleList(
+            nn.ModuleDict({"query": nn.Linear(sim_dim, sim_dim),
+                           "key": nn.Linear(sim_dim, sim_dim, bias=False),  # its bias cancels in the softmax
+                           "graph": nn.Linear(sim_dim, sim_dim)}) for _ in range(steps))
+
+    def forward(self, nodes, mask, read_global: bool):
+        """nodes (B, n, S), mask (B, n) -> (B, S): node 0 if read_global else the masked mean."""
+        for step in self.steps:
+            edge = step["query"](nodes) @ step["key"](nodes).transpose(1, 2)  # (B, n, S) @ (B, S, n) -> (B, n, n)
+            edge = masked_softmax(edge, mask[:, None, :].expand_as(edge))  # softmax over keys
+            nodes = torch.relu(step["graph"](edge @ nodes))  # (B, n, n) @ (B, n, S) -> (B, n, S)
+        return nodes[:, 0] if read_global else masked_mean(nodes, mask)
+
+
+class AttentionFiltration(nn.Module):
+    """SAF: w_n = sigmoid(a . N_n + b), l1-normalised over real nodes; returns l2(sum_n w_n N_n) (B, S).
+
+    SGRAF puts a BatchNorm1d(1) before the sigmoid; in eval mode it is an affine map that the linear already
+    has, and in training it mixes the pairs of a batch, so it is left out.
+    """
+
+    def __init__(self, sim_dim: int):
+        super().__init__()
+        self.attn = nn.Linear(sim_dim, 1)
+
+    def forward(self, nodes, mask, read_global: bool = True):
+        w = torch.sigmoid(self.attn(nodes).squeeze(-1)) * mask  # (B, n)
+        w = w / (w.sum(-1, keepdim=True) + EPS)
+        return l2norm((w.unsqueeze(-1) * nodes).sum(1))  # (B, S)
+
+
+def init_linears(module: nn.Module) -> None:
+    """SGRAF's init: Xavier-uniform weights, zero biases, for every nn.Linear below `module`."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            r = math.sqrt(6.0) / math.sqrt(m.in_features + m.out_features)
+            nn.init.uniform_(m.weight, -r, r)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

