@@ -1,0 +1,228 @@
+"""The one routine that scores all pairs, for evaluation and search alike.
+
+    enc_i = encode_images(model, image_batches)      # per-image work, once per image
+    enc_t = encode_texts(model, text_batches)        # per-caption work, once per caption
+    S = score_all(model, enc_i, enc_t)               # (Ni, Nt) float32, rows images, columns captions
+
+Contract on encoded dataclasses (`EncodedImages`, `EncodedTexts` of any model): every tensor field has the item
+axis first (dim 0), so `enc[a:b]` slices all fields together; fields with a padded token / region axis have it
+at dim 1 and pad with zeros; fields whose name contains "mask" are bool and pad with False. `cat_encoded`
+relies on exactly this. Plain tensors (item axis first) are accepted wherever an encoded dataclass is.
+
+Blocks: `score_all` calls `model.score(enc_i[i0:i1], enc_t[t0:t1])` once per block of Bi images x Bt captions
+and writes into a preallocated output; peak working memory is one block, independent of the gallery size,
+apart from the output matrix. With `memory_budget_mb`, the block is sized from
+`model.pair_bytes(enc_i[:1], enc_t[:1])` (bytes of working memory per image-caption pair) when the model
+offers it; otherwise the given block sizes are used. A pair's score must not depend on its block (DESIGN 6):
+the tests check that blocked and single-block results agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from contextlib import nullcontext
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+def _pad_to(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Zero-pad (False for bool) every axis after the first up to `shape` (item axis kept)."""
+    if tuple(t.shape[1:]) == tuple(shape[1:]):
+        return t
+    out = t.new_zeros((t.shape[0], *shape[1:]))
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+def _cat_tensors(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    dims = {t.dim() for t in ts}
+    if len(dims) != 1:
+        raise ValueError(f"cannot concatenate tensors of different ranks {sorted(dims)}")
+    if ts[0].dim() == 0:
+        raise ValueError("encoded tensor fields must have an item axis first, got a 0-d tensor")
+    shape = [max(t.shape[d] for t in ts) for d in range(ts[0].dim())]
+    return torch.cat([_pad_to(t, shape) for t in ts], 0)
+
+
+def cat_encoded(items: Sequence[Any]) -> Any:
+    """Concatenate encoded dataclasses (or tensors) along the item axis (dim 0).
+
+    Tensor fields are padded on every later axis to the longest (zeros; False for bool "*mask*" fields) and
+    concatenated; None fields stay None (all must be None); other fields must be equal and are kept.
+    Dataclasses always go through this generic padding path (a class's own `cat`, which may require equal
+    token counts, is not used); other objects must provide `cat(items)`. Padded positions hold zeros: models
+    must ignore them through their masks (per-batch token counts differ when batches are trimmed).
+    """
+    items = list(items)
+    if not items:
+        raise ValueError("nothing to concatenate")
+    first = items[0]
+    if len(items) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return _cat_tensors(items)
+    if not dataclasses.is_dataclass(first):
+        if callable(getattr(type(first), "cat", None)):
+            return type(first).cat(items)
+        raise TypeError(f"cat_encoded expects tensors, dataclasses or a class with cat(), got {type(first).__name__}")
+    changes = {}
+    for f in dataclasses.fields(first):
+        vals = [getattr(x, f.name) for x in items]
+        if all(v is None for v in vals):
+            continue
+        if any(v is None for v in vals):
+            raise ValueError(f"field {f.name!r} is None in some encoded items and not in others")
+        if isinstance(vals[0], torch.Tensor):
+            changes[f.name] = _cat_tensors(vals)
+        elif any(v != vals[0] for v in vals[1:]):
+            raise ValueError(f"non-tensor field {f.name!r} differs between encoded items")
+    return dataclasses.replace(first, **changes)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _eval_mode:
+    """Put a module in eval mode for the duration of a block, restoring its previous mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.was_training)
+
+
+def _encode(fn, batches: Iterable[Any], device, out_device, autocast_dtype, progress, desc) -> Any:
+    outs = []
+    it = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc=desc, file=sys.stderr, unit="batch")
+    with torch.no_grad(), _autocast(device, autocast_dtype):
+        for batch in it:
+            enc = fn(batch.to(device))
+            outs.append(enc.to(out_device) if out_device is not None else enc)
+    return cat_encoded(outs)
+
+
+def encode_images(
+    model: nn.Module,
+    image_batches: Iterable[Any],
+    device: Optional[torch.device | str] = None,
+    out_device: Optional[torch.device | str] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+    progress: bool = False,
+) -> Any:
+    """Run model.encode_image over ImageBatches in order (eval mode, no grad) -> one EncodedImages (N_img items).
+
+    device: where to compute (default: the model's device); out_device: where to keep the result (default: the
+    compute device; "cpu" for galleries larger than accelerator memory).
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    with _eval_mode(model):
+        return _encode(model.encode_image, image_batches, device, out_device, autocast_dtype, progress, "images")
+
+
+def encode_texts(
+    model: nn.Module,
+    text_batches: Iterable[Any],
+    device: Optional[torch.device | str] = None,
+    out_device: Optional[torch.device | str] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+    progress: bool = False,
+) -> Any:
+    """Run model.encode_text over TextBatches in order (eval mode, no grad) -> one EncodedTexts (N_caps items)."""
+    device = torch.device(device) if device is not None else _model_device(model)
+    with _eval_mode(model):
+        return _encode(model.encode_text, text_batches, device, out_device, autocast_dtype, progress, "captions")
+
+
+def plan_blocks(
+    model: nn.Module,
+    enc_images: Any,
+    enc_texts: Any,
+    block_images: int = 128,
+    block_texts: int = 1024,
+    memory_budget_mb: Optional[float] = None,
+) -> tuple[int, int]:
+    """Block sizes (Bi, Bt) for score_all.
+
+    Without a budget, or when the model has no `pair_bytes`, the given sizes (clipped to the gallery).
+    With both, Bt = min(block_texts, Nt, pairs) and Bi = pairs // Bt, where pairs = budget / pair_bytes.
+    """
+    ni, nt = len(enc_images), len(enc_texts)
+    bi, bt = max(1, min(block_images, ni)), max(1, min(block_texts, nt))
+    pair_bytes = getattr(model, "pair_bytes", None)
+    if memory_budget_mb is None or pair_bytes is None or ni == 0 or nt == 0:
+        return bi, bt
+    per_pair = max(1, int(pair_bytes(enc_images[:1], enc_texts[:1])))
+    pairs = max(1, int(memory_budget_mb * 2**20) // per_pair)
+    bt = max(1, min(block_texts, nt, pairs))
+    bi = max(1, min(ni, pairs // bt))
+    return bi, bt
+
+
+def score_all(
+    model: nn.Module,
+    enc_images: Any,
+    enc_texts: Any,
+    block_images: int = 128,
+    block_texts: int = 1024,
+    memory_budget_mb: Optional[float] = None,
+    device: Optional[torch.device | str] = None,
+    out_device: torch.device | str = "cpu",
+    autocast_dtype: Optional[torch.dtype] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Score every image against every caption -> (Ni, Nt) float32 on `out_device` (default CPU).
+
+    enc_images: EncodedImages (Ni items); enc_texts: EncodedTexts (Nt items), from encode_images / encode_texts.
+    Blocks of Bi x Bt pairs (see plan_blocks) are moved to `device` (default: the model's device), scored with
+    model.score under no_grad in eval mode, optionally under autocast(autocast_dtype), and written into the
+    preallocated output. Loops run over blocks only, never over single images or captions.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    ni, nt = len(enc_images), len(enc_texts)
+    out = torch.empty((ni, nt), dtype=torch.float32, device=out_device)
+    if ni == 0 or nt == 0:
+        return out
+    bi, bt = plan_blocks(model, enc_images, enc_texts, block_images, block_texts, memory_budget_mb)
+    n_blocks = -(-ni // bi) * -(-nt // bt)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_blocks, desc="scoring", unit="block", file=sys.stderr)
+    try:
+        with torch.no_grad(), _eval_mode(model), _autocast(device, autocast_dtype):
+            for i0 in range(0, ni, bi):
+                imgs = enc_images[i0 : i0 + bi].to(device)  # Bi images
+                for t0 in range(0, nt, bt):
+                    txts = enc_texts[t0 : t0 + bt].to(device)  # Bt captions
+                    block = model.score(imgs, txts)  # (Bi, Bt)
+                    if block.shape != (len(imgs), len(txts)):
+                        raise ValueError(
+                            f"model.score returned {tuple(block.shape)} for {len(imgs)} images x {len(txts)} captions"
+                        )
+                    out[i0 : i0 + bi, t0 : t0 + bt] = block.float().to(out_device)
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out

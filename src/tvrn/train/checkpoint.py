@@ -1,0 +1,104 @@
+"""Checkpoints as plain data, written atomically, loadable with torch.load(weights_only=True).
+
+Layout of a checkpoint dict:
+    config:    {"model_name": str | None, "model": dict (asdict(model.config)) | None, "train": dict}
+    model:     state_dict of the unwrapped model
+    optimizer: optimizer state_dict
+    scheduler: {"kind": "step", ...} the schedule's settings (the lr is a function of epoch and step)
+    scaler:    GradScaler state_dict (fp16 on CUDA) or None
+    epoch:     the epoch to continue in (0-based)
+    batch:     batches of that epoch already done (0 at an epoch boundary)
+    step:      optimiser steps done in total
+    metrics:   the last validation metrics, or None
+    best:      {"rsum": float | None, "epoch": int | None, "epochs_since_best": int}
+    train:     {"loss_sum": float, "loss_batches": int} running train loss of the current epoch
+    rng:       {"world_size": int, "states": [per-rank RNG states]}: torch / CUDA / numpy / python, as tensors
+    vocab:     optional dict
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, fsync, then os.replace: a reader (or a resume after a
+    kill) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """torch.load(path, weights_only=True): plain tensors, dicts, lists and numbers only."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def get_rng_state() -> dict:
+    """The process's RNG states (torch CPU, CUDA, numpy, python) as tensors and numbers."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {
+            "version": int(py_state[0]),
+            "state": torch.tensor(py_state[1], dtype=torch.int64),
+            "gauss_next": py_state[2],
+        },
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what get_rng_state returned."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = [s.cpu() for s in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
+
+
+def load_model_from_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", create_model=None):
+    """Rebuild a model from a checkpoint: create_model(config["model_name"], **config["model"]) + load_state_dict.
+
+    create_model defaults to tvrn.models.create_model. Returns (model, checkpoint dict).
+    """
+    ckpt = load_checkpoint(path, map_location)
+    cfg = ckpt.get("config") or {}
+    if create_model is None:
+        from tvrn.models import create_model  # imported lazily: the models package is optional here
+    name: Optional[str] = cfg.get("model_name")
+    if name is None:
+        raise ValueError(f"{path}: checkpoint has no model_name in its config; pass the model yourself")
+    model = create_model(name, **(cfg.get("model") or {}))
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt

@@ -1,0 +1,419 @@
+"""The training loop: Adam, step schedule with warmup, clipping, AMP on CUDA, dev-RSUM selection, early stop,
+atomic checkpoints with exact mid-epoch resume, DDP under torchrun.
+
+    trainer = Trainer(model, TrainConfig(out_dir="runs/x"), train_dataset=ds, collate_fn=collate,
+                      validate=lambda m: {"rsum": ...})
+    summary = trainer.fit(resume=True)
+
+Data: either a map-style `train_dataset` + `collate_fn` (items -> PairBatch), for which the trainer builds the
+loader itself (a DistributedSampler seeded with `seed`, `set_epoch(epoch)`, so the order is a function of
+(seed, epoch, rank, world size); a mid-epoch resume skips the indices already seen), or a
+`loader_factory(epoch) -> iterable of PairBatch`, for which a resume skips the batches already seen by
+iterating past them (reproducible only if the factory's order is a function of the epoch).
+
+Files in out_dir (rank 0 only): config.json, last.pt (end of every epoch, and every `save_every_steps`),
+best.pt (when dev RSUM improves; never overwritten otherwise), metrics.jsonl, tb/ (when tensorboard exists).
+
+Determinism: with `deterministic=True` the run calls torch.use_deterministic_algorithms(True) (global), and a
+run killed and resumed from last.pt ends with the same weights, bit for bit, as an uninterrupted one: the data
+order comes from (seed, epoch), the RNG states of every rank are saved, and the lr is a function of the
+position. Under DDP each rank's loss uses the negatives of its own batch only (the score matrix is B x B per
+rank); gradients are averaged by DDP.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from ..evaluation import write_json
+from ..losses import ContrastiveLoss
+from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
+from .distributed import DistInfo, broadcast_object, gather_objects, init_distributed
+from .runlog import RunLogger
+from .schedule import lr_at, set_lr
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; JSON-able (dataclasses.asdict). Defaults follow DESIGN 5 (the official recipe)."""
+
+    epochs: int = 50  # official: up to 50 epochs
+    lr: float = 2e-4  # Adam learning rate before the first milestone
+    lr_milestones: list[int] = field(default_factory=lambda: [20])  # epochs (0-based) at which the lr drops
+    lr_gamma: float = 0.05  # factor per milestone: 2e-4 -> 1e-5 at epoch 20 is the official schedule
+    lr_values: Optional[list[float]] = None  # explicit lr per phase (len(milestones) + 1); overrides lr, gamma
+    warmup_steps: int = 0  # linear warmup over the first optimiser steps (0: none)
+    grad_clip: float = 2.0  # max global gradient norm (0: no clipping)
+    batch_size: int = 128  # pairs per batch and per process (the loss sees B x B scores)
+    loss_mode: str = "max"  # "max" (VSE++ hardest negative), "sum" or "smooth" (official smooth variant)
+    margin: float = 0.2  # hinge margin
+    loss_tau: float = 0.05  # temperature of the smooth loss
+    loss_reduction: str = "sum"  # "sum" over queries (VSE++/SCAN convention) or "mean"
+    amp: str = "bf16"  # CUDA only: "bf16" autocast, "fp16" autocast + GradScaler, or "none"; CPU runs fp32
+    seed: int = 0  # seeds python/numpy/torch (+ rank) and the data order
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True): resume is bit-exact
+    patience: int = 8  # early stop after this many epochs without dev RSUM improvement (0: never)
+    save_every_steps: int = 0  # also write last.pt every N optimiser steps, mid-epoch (0: epoch ends only)
+    log_every_steps: int = 0  # write a train-loss line to metrics.jsonl every N steps (0: epoch lines only)
+    num_workers: int = 0  # DataLoader worker processes (built-in loader only)
+    drop_last: bool = False  # drop the last incomplete batch of each epoch (built-in loader only)
+    find_unused_parameters: bool = False  # DDP: needed when some modules are switched off in the forward
+    tensorboard: bool = True  # also log to TensorBoard when the tensorboard package is importable
+    out_dir: str = "runs/tvrn"  # checkpoints, config.json and metrics.jsonl go here
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_determinism(enabled: bool) -> None:
+    """Global switch: deterministic algorithms (and the cuBLAS workspace setting they need on CUDA)."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class Trainer:
+    """Trains a retrieval model (forward(images, texts) -> (B, B) scores) with a ranking loss.
+
+    model: nn.Module with encode_image / encode_text / score and forward; optionally `.config` (dataclass).
+    config: TrainConfig.
+    train_dataset + collate_fn: map-style dataset and a collate producing PairBatch; or
+    loader_factory: callable epoch -> iterable of PairBatch (then the caller shards data under DDP).
+    validate: callable(model) -> dict with "rsum" (and other metrics), run on rank 0 after every epoch, in eval
+        mode under no_grad, on the unwrapped model; None disables selection and early stopping.
+    model_name: registry name saved in the checkpoint config (create_model(name, **config["model"])).
+    vocab: optional dict saved in checkpoints. device: default cuda:LOCAL_RANK when CUDA exists, else CPU.
+    progress: show a tqdm bar (stderr) on rank 0. loss_fn: overrides the ContrastiveLoss built from config.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_dataset: Optional[Dataset] = None,
+        collate_fn: Optional[Callable] = None,
+        loader_factory: Optional[Callable[[int], Iterable[Any]]] = None,
+        validate: Optional[Callable[[nn.Module], dict]] = None,
+        model_name: Optional[str] = None,
+        vocab: Optional[dict] = None,
+        device: Optional[torch.device | str] = None,
+        progress: bool = False,
+        loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    ) -> None:
+        if (train_dataset is None) == (loader_factory is None):
+            raise ValueError("give exactly one of train_dataset (with collate_fn) or loader_factory")
+        self.model, self.config = model, config
+        self.train_dataset, self.collate_fn, self.loader_factory = train_dataset, collate_fn, loader_factory
+        self.validate, self.model_name, self.vocab = validate, model_name, vocab
+        self.progress = progress
+        self.loss_fn = loss_fn or ContrastiveLoss(config.margin, config.loss_mode, config.loss_tau, config.loss_reduction)
+        self._device_arg = device
+        self.out_dir = Path(config.out_dir)
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.config
+        self.dist: DistInfo = init_distributed()
+        if self._device_arg is not None:
+            self.device = torch.device(self._device_arg)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", self.dist.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        configure_determinism(cfg.deterministic)
+        seed_everything(cfg.seed + self.dist.rank)
+        self.model.to(self.device)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters
+            )
+        else:
+            self.ddp = self.model
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        cuda = self.device.type == "cuda"
+        if cfg.amp not in ("bf16", "fp16", "none"):
+            raise ValueError(f"amp must be 'bf16', 'fp16' or 'none', got {cfg.amp!r}")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=cfg.tensorboard)
+
+    def _config_dict(self) -> dict:
+        mcfg = getattr(_unwrap(self.model), "config", None)
+        return {
+            "model_name": self.model_name,
+            "model": dataclasses.asdict(mcfg) if dataclasses.is_dataclass(mcfg) else None,
+            "train": dataclasses.asdict(self.config),
+        }
+
+    # ---- data --------------------------------------------------------------------------------------------
+    def _loader(self, epoch: int, start_batch: int) -> tuple[Iterable[Any], Optional[int]]:
+        """Batches of `epoch` from batch `start_batch` on, and the epoch's total batch count (None if unknown)."""
+        cfg = self.config
+        if self.loader_factory is not None:
+            it = self.loader_factory(epoch)
+            total = len(it) if hasattr(it, "__len__") else None
+            return islice(iter(it), start_batch, None), total
+        sampler = DistributedSampler(
+            self.train_dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=cfg.seed
+        )
+        sampler.set_epoch(epoch)  # order = f(seed, epoch): torch.randperm under manual_seed(seed + epoch)
+        indices = list(sampler)
+        n = len(indices)
+        total = n // cfg.batch_size if cfg.drop_last else math.ceil(n / cfg.batch_size)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # worker seeds; never the global RNG
+        loader = DataLoader(
+            self.train_dataset,
+            batch_size=cfg.batch_size,
+            sampler=indices[start_batch * cfg.batch_size :],
+            collate_fn=self.collate_fn,
+            num_workers=cfg.num_workers,
+            drop_last=cfg.drop_last,
+            generator=gen,
+        )
+        return loader, total
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def _train_step(self, batch: Any) -> torch.Tensor:
+        cfg = self.config
+        batch = batch.to(self.device)
+        amp = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+        with amp:
+            scores = self.ddp(batch.images, batch.texts)  # (B, B) through forward, so DDP syncs gradients
+        loss = self.loss_fn(scores.float(), batch.image_ids)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+        return loss.detach()
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def _checkpoint(self, epoch: int, batch: int, loss_sum: float, loss_batches: int) -> Optional[dict]:
+        """Collective (every rank must call it): gathers RNG states and running losses; rank 0 gets the dict."""
+        cfg = self.config
+        per_rank = gather_objects({"rng": get_rng_state(), "loss_sum": loss_sum, "loss_batches": loss_batches})
+        if not self.dist.is_main:
+            return None
+        return {
+            "config": self._config_dict(),
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {
+                "kind": "step",
+                "lr": cfg.lr,
+                "milestones": list(cfg.lr_milestones),
+                "gamma": cfg.lr_gamma,
+                "values": cfg.lr_values,
+                "warmup_steps": cfg.warmup_steps,
+            },
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": epoch,
+            "batch": batch,
+            "step": self.step,
+            "metrics": self.last_metrics,
+            "best": {"rsum": self.best_rsum, "epoch": self.best_epoch, "epochs_since_best": self.epochs_since_best},
+            "train": {
+                "loss_sum": [p["loss_sum"] for p in per_rank],
+                "loss_batches": [p["loss_batches"] for p in per_rank],
+            },
+            "rng": {"world_size": self.dist.world_size, "states": [p["rng"] for p in per_rank]},
+            "vocab": self.vocab,
+        }
+
+    def _save(self, name: str, ckpt: Optional[dict]) -> None:
+        if ckpt is not None:
+            atomic_save(ckpt, self.out_dir / name)
+
+    def _restore(self, ckpt: dict) -> tuple[int, int, float, int]:
+        _unwrap(self.model).load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        self.last_metrics = ckpt.get("metrics")
+        best = ckpt.get("best") or {}
+        self.best_rsum, self.best_epoch = best.get("rsum"), best.get("epoch")
+        self.epochs_since_best = int(best.get("epochs_since_best", 0))
+        rng = ckpt.get("rng") or {}
+        r = self.dist.rank
+        loss_sum, loss_batches = 0.0, 0
+        if rng.get("world_size") == self.dist.world_size:
+            set_rng_state(rng["states"][r])
+            loss_sum = float(ckpt["train"]["loss_sum"][r])
+            loss_batches = int(ckpt["train"]["loss_batches"][r])
+        return int(ckpt["epoch"]), int(ckpt["batch"]), loss_sum, loss_batches
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def fit(self, resume: bool | str | os.PathLike = False) -> dict[str, Any]:
+        """Train for config.epochs (or until early stop) -> summary dict.
+
+        resume: False (start fresh), True (continue from out_dir/last.pt if it exists, else start fresh), or a
+        checkpoint path (must exist). Returns {"epochs_completed", "steps", "best_rsum", "best_epoch",
+        "stopped_early", "metrics", "train_loss", "last_checkpoint", "best_checkpoint", "resumed_from"}.
+        """
+        cfg = self.config
+        self._setup()
+        self.step, self.last_metrics = 0, None
+        self.best_rsum: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.epochs_since_best = 0
+        start_epoch, start_batch, loss_sum, loss_batches = 0, 0, 0.0, 0
+        resumed_from = None
+        if resume:
+            path = self.out_dir / "last.pt" if resume is True else Path(resume)
+            if resume is not True and not path.exists():
+                raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+            if path.exists():
+                start_epoch, start_batch, loss_sum, loss_batches = self._restore(load_checkpoint(path, "cpu"))
+                resumed_from = str(path)
+                self.logger.truncate_after(self.step, start_epoch)
+        if self.dist.is_main:
+            write_json(self.out_dir / "config.json", self._config_dict())
+        stopped_early, train_loss, completed = False, None, start_epoch
+        t0 = time.time()
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                if cfg.patience > 0 and self.validate is not None and self.epochs_since_best >= cfg.patience:
+                    stopped_early = True  # a run resumed after its early-stop epoch
+                    break
+                loader, total = self._loader(epoch, start_batch)
+                bar = self._bar(epoch, total, start_batch)
+                self.ddp.train()
+                batch_idx = start_batch
+                for batch in loader:
+                    lr = lr_at(epoch, self.step, cfg.lr, cfg.lr_milestones, cfg.lr_gamma, cfg.warmup_steps, cfg.lr_values)
+                    set_lr(self.optimizer, lr)
+                    loss = self._train_step(batch)
+                    loss_value = float(loss)
+                    loss_sum += loss_value
+                    loss_batches += 1
+                    self.step += 1
+                    batch_idx += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                    if cfg.log_every_steps and self.step % cfg.log_every_steps == 0:
+                        self.logger.log(
+                            {"kind": "step", "epoch": epoch, "step": self.step, "lr": lr, "train/loss": loss_value},
+                            self.step,
+                        )
+                    if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
+                        self._save("last.pt", self._checkpoint(epoch, batch_idx, loss_sum, loss_batches))
+                if bar is not None:
+                    bar.close()
+                train_loss = self._mean_loss(loss_sum, loss_batches)
+                improved = self._validate_epoch(epoch)
+                loss_sum, loss_batches, start_batch = 0.0, 0, 0
+                last_lr = lr_at(epoch, max(self.step - 1, 0), cfg.lr, cfg.lr_milestones, cfg.lr_gamma,
+                                cfg.warmup_steps, cfg.lr_values)  # the lr of the epoch's last step
+                record = {"kind": "epoch", "epoch": epoch, "step": self.step, "lr": last_lr, "train/loss": train_loss,
+                          "time": time.time() - t0}
+                record.update(self.last_metrics or {})
+                if self.best_rsum is not None:
+                    record["best/rsum"] = self.best_rsum
+                self.logger.log(record, self.step)
+                ckpt = self._checkpoint(epoch + 1, 0, 0.0, 0)  # logged first: a resume drops lines it redoes
+                if improved:
+                    self._save("best.pt", ckpt)
+                self._save("last.pt", ckpt)
+                completed = epoch + 1
+                if cfg.patience > 0 and self.validate is not None and self.epochs_since_best >= cfg.patience:
+                    stopped_early = True
+                    break
+        finally:
+            self.logger.close()
+        best = self.out_dir / "best.pt"
+        return {
+            "epochs_completed": completed,
+            "steps": self.step,
+            "best_rsum": self.best_rsum,
+            "best_epoch": self.best_epoch,
+            "stopped_early": stopped_early,
+            "metrics": self.last_metrics,
+            "train_loss": train_loss,
+            "last_checkpoint": str(self.out_dir / "last.pt"),
+            "best_checkpoint": str(best) if self.best_epoch is not None else None,
+            "resumed_from": resumed_from,
+        }
+
+    def _bar(self, epoch: int, total: Optional[int], initial: int):
+        if not (self.progress and self.dist.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=f"epoch {epoch}", unit="batch", file=sys.stderr, leave=False)
+
+    def _mean_loss(self, loss_sum: float, loss_batches: int) -> Optional[float]:
+        """Mean train loss of the epoch over all ranks."""
+        parts = gather_objects((loss_sum, loss_batches))
+        n = sum(p[1] for p in parts)
+        return sum(p[0] for p in parts) / n if n else None
+
+    def _validate_epoch(self, epoch: int) -> bool:
+        """Run validate on rank 0, share the metrics, update best / patience. Returns whether RSUM improved."""
+        if self.validate is None:
+            return False
+        metrics = None
+        if self.dist.is_main:
+            model = _unwrap(self.model)
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    metrics = {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v)
+                               for k, v in self.validate(model).items()}
+            finally:
+                model.train(was_training)
+            if "rsum" not in metrics:
+                raise KeyError("validate(model) must return a dict with an 'rsum' entry")
+        metrics = broadcast_object(metrics)
+        self.last_metrics = metrics
+        rsum = float(metrics["rsum"])
+        if self.best_rsum is None or rsum > self.best_rsum:
+            self.best_rsum, self.best_epoch, self.epochs_since_best = rsum, epoch, 0
+            return True
+        self.epochs_since_best += 1
+        return False

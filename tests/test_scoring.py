@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from _train_toy import ToyModel, image_batches, make_split, text_batches
+from tvrn.scoring import cat_encoded, encode_images, encode_texts, plan_blocks, score_all
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = ToyModel().eval()
+    split = make_split(9, caps_per_image=3, seed=3)
+    ei = encode_images(model, image_batches(split, 4))
+    et = encode_texts(model, text_batches(split, 5))
+    return model, split, ei, et
+
+
+def test_encode_concatenates_in_order_with_padding(setup):
+    from tvrn.data.batch import TextBatch
+
+    model, split, ei, et = setup
+    assert len(ei) == 9 and len(et) == 27
+    full = model.encode_text(TextBatch(split["tokens"], split["token_mask"]))
+    L = et.words.shape[1]
+    assert torch.equal(et.mask, split["token_mask"][:, :L])
+    assert torch.allclose(et.words[et.mask], full.words[:, :L][et.mask], atol=1e-6)
+    lengths = []
+    for k, tb in enumerate(text_batches(split, 5)):  # batches were trimmed to their own longest caption
+        assert (et.words[5 * k : 5 * k + 5, tb.tokens.shape[1] :] == 0).all()  # cat padding is zeros
+        lengths.append(tb.tokens.shape[1])
+    assert len(set(lengths)) > 1  # the padding path was exercised
+
+
+def test_cat_encoded_generic():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Enc:
+        x: torch.Tensor
+        word_mask: torch.Tensor
+        adj: torch.Tensor
+        note: str = "a"
+        opt: object = None
+
+    a = Enc(torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 3, 3, dtype=torch.bool))
+    b = Enc(torch.ones(1, 5, 4), torch.ones(1, 5, dtype=torch.bool), torch.ones(1, 5, 5, dtype=torch.bool))
+    c = cat_encoded([a, b])
+    assert c.x.shape == (3, 5, 4) and c.word_mask.shape == (3, 5) and c.adj.shape == (3, 5, 5)
+    assert c.word_mask[:2, 3:].sum() == 0 and c.x[:2, 3:].abs().sum() == 0 and c.adj[:2, 3:, :].sum() == 0
+    assert c.note == "a" and c.opt is None
+    with pytest.raises(ValueError):
+        cat_encoded([a, Enc(b.x, b.word_mask, b.adj, note="b")])
+    assert torch.equal(cat_encoded([torch.ones(2, 3), torch.zeros(1, 3)]), torch.tensor([[1.0] * 3] * 2 + [[0.0] * 3]))
+
+
+@pytest.mark.parametrize("bi,bt", [(1, 1), (2, 5), (4, 27), (9, 4), (100, 100)])
+def test_blocked_equals_single_block(setup, bi, bt):
+    model, _, ei, et = setup
+    ref = score_all(model, ei, et, block_images=100, block_texts=100)
+    got = score_all(model, ei, et, block_images=bi, block_texts=bt)
+    assert got.dtype == torch.float32 and got.shape == (9, 27)
+    assert torch.allclose(got, ref, atol=1e-6, rtol=0)
+
+
+def test_scores_match_direct_forward(setup):
+    model, split, ei, et = setup
+    from tvrn.data.batch import ImageBatch, TextBatch
+
+    with torch.no_grad():
+        direct = model(ImageBatch(split["features"], split["region_mask"]), TextBatch(split["tokens"], split["token_mask"]))
+    assert torch.allclose(score_all(model, ei, et, block_images=2, block_texts=7), direct, atol=1e-6)
+
+
+def test_permuting_gallery_permutes_scores(setup):
+    model, _, ei, et = setup
+    ref = score_all(model, ei, et, block_images=4, block_texts=6)
+    pi = torch.randperm(9, generator=torch.Generator().manual_seed(1))
+    pt = torch.randperm(27, generator=torch.Generator().manual_seed(2))
+    got = score_all(model, ei[pi], et[pt], block_images=4, block_texts=6)
+    assert torch.allclose(got, ref[pi][:, pt], atol=1e-6)
+
+
+def test_memory_budget_plans_blocks(setup):
+    model, _, ei, et = setup
+    per_pair = model.pair_bytes(ei[:1], et[:1])
+    bi, bt = plan_blocks(model, ei, et, block_images=100, block_texts=10, memory_budget_mb=per_pair * 25 / 2**20)
+    assert bt == 10 and bi == 2  # 25 pairs: 10 captions x 2 images
+    assert plan_blocks(model, ei, et, 3, 4) == (3, 4)
+    ref = score_all(model, ei, et)
+    got = score_all(model, ei, et, block_texts=10, memory_budget_mb=per_pair * 25 / 2**20)
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_restores_training_mode_and_no_grad(setup):
+    model, _, ei, et = setup
+    model.train()
+    try:
+        s = score_all(model, ei, et)
+        assert model.training and not s.requires_grad
+        # eval mode inside: dropout off, so two calls agree exactly
+        assert torch.equal(s, score_all(model, ei, et))
+    finally:
+        model.eval()
+
+
+def test_empty_gallery(setup):
+    model, _, ei, et = setup
+    assert score_all(model, ei[:0], et).shape == (0, 27)

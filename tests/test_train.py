@@ -1,0 +1,106 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from _train_toy import PairDataset, ToyModel, make_collate, make_split, make_validate
+from tvrn.train import Trainer, TrainConfig, load_checkpoint, lr_at, seed_everything
+
+
+def test_lr_schedule():
+    # official: 2e-4 until epoch 20, then 1e-5
+    cfg = TrainConfig()
+    assert lr_at(19, 0, cfg.lr, cfg.lr_milestones, cfg.lr_gamma) == pytest.approx(2e-4)
+    assert lr_at(20, 0, cfg.lr, cfg.lr_milestones, cfg.lr_gamma) == pytest.approx(1e-5)
+    assert lr_at(35, 0, 1.0, [10, 30], 0.1) == pytest.approx(0.01)
+    assert lr_at(5, 0, 1.0, [2, 4], lr_values=[3.0, 2.0, 1.0]) == 1.0
+    assert lr_at(0, 0, 1.0, warmup_steps=4) == pytest.approx(0.25)
+    assert lr_at(0, 3, 1.0, warmup_steps=4) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        lr_at(0, 0, 1.0, [2], lr_values=[1.0])
+
+
+def test_config_is_json_able():
+    cfg = TrainConfig(out_dir="x", lr_values=[1e-3, 1e-4])
+    d = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    assert TrainConfig.from_dict(d) == cfg
+    with pytest.raises(ValueError):
+        TrainConfig.from_dict({"nope": 1})
+
+
+def _run(tmp_path, validate=None, **kw):
+    seed_everything(0)
+    model = ToyModel()
+    split = make_split(12, caps_per_image=2, seed=0)
+    base = dict(epochs=3, batch_size=8, lr=1e-2, out_dir=str(tmp_path), tensorboard=False, patience=0)
+    base.update(kw)
+    cfg = TrainConfig(**base)
+    trainer = Trainer(model, cfg, train_dataset=PairDataset(split), collate_fn=make_collate(split), validate=validate)
+    return model, trainer.fit()
+
+
+def test_training_learns_and_writes_files(tmp_path):
+    validate = make_validate(make_split(12, caps_per_image=2, seed=0))  # train-set retrieval must improve
+    seed_everything(0)
+    before = validate(ToyModel())["rsum"]
+    model, summary = _run(tmp_path, validate=validate, epochs=4, warmup_steps=2, log_every_steps=1)
+    assert summary["epochs_completed"] == 4 and summary["steps"] == 12 and not summary["stopped_early"]
+    assert summary["best_rsum"] > before
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "config.json"):
+        assert (tmp_path / name).exists(), name
+    ckpt = load_checkpoint(tmp_path / "last.pt")  # weights_only=True
+    assert ckpt["epoch"] == 4 and ckpt["batch"] == 0 and ckpt["step"] == 12
+    assert set(ckpt) >= {"config", "model", "optimizer", "scheduler", "metrics", "best", "rng", "vocab"}
+    assert ckpt["config"]["model"] == dataclasses.asdict(model.config)
+    rebuilt = ToyModel(**ckpt["config"]["model"])
+    rebuilt.load_state_dict(ckpt["model"])
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["best"]["epoch"] == summary["best_epoch"]
+    assert best["metrics"]["rsum"] == summary["best_rsum"]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [x for x in lines if x["kind"] == "epoch"]
+    assert [x["epoch"] for x in epochs] == [0, 1, 2, 3]
+    assert all("rsum" in x and "i2t/R@1" in x and x["train/loss"] > 0 for x in epochs)
+    assert len([x for x in lines if x["kind"] == "step"]) == 12
+
+
+def test_best_is_kept_and_early_stopping(tmp_path):
+    rsums = iter([10.0, 30.0, 20.0, 25.0, 5.0, 50.0])
+
+    def validate(model):
+        return {"rsum": next(rsums)}
+
+    _, summary = _run(tmp_path, validate=validate, epochs=6, patience=2)
+    # best at epoch 1 (30); epochs 2 and 3 do not improve -> stop after epoch 3
+    assert summary["stopped_early"] and summary["epochs_completed"] == 4
+    assert summary["best_epoch"] == 1 and summary["best_rsum"] == 30.0
+    best = load_checkpoint(tmp_path / "best.pt")
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert best["epoch"] == 2 and best["metrics"]["rsum"] == 30.0  # not overwritten by later epochs
+    assert last["epoch"] == 4 and last["metrics"]["rsum"] == 25.0
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+
+
+def test_loader_factory_and_no_validation(tmp_path):
+    split = make_split(8, caps_per_image=2, seed=0)
+    collate = make_collate(split)
+
+    def factory(epoch):
+        g = torch.Generator().manual_seed(epoch)
+        perm = torch.randperm(16, generator=g).tolist()
+        return [collate(perm[i : i + 4]) for i in range(0, 16, 4)]
+
+    seed_everything(0)
+    cfg = TrainConfig(epochs=2, batch_size=4, out_dir=str(tmp_path), tensorboard=False, loss_mode="smooth")
+    summary = Trainer(ToyModel(), cfg, loader_factory=factory).fit()
+    assert summary["steps"] == 8 and summary["best_checkpoint"] is None
+    assert not (tmp_path / "best.pt").exists()
+    with pytest.raises(ValueError):
+        Trainer(ToyModel(), cfg)
+
+
+def test_library_does_not_print(tmp_path, capsys):
+    _run(tmp_path, epochs=1)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
