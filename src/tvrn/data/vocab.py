@@ -190,6 +190,11 @@ class Vocabulary:
         return cls._from_json_dict(data, path)
 
     @classmethod
+    def from_json_dict(cls, data: dict, source: str = "<dict>") -> "Vocabulary":
+        """A vocabulary from SCAN's JSON structure already in memory (e.g. saved in a checkpoint)."""
+        return cls._from_json_dict(data, source)
+
+    @classmethod
     def _from_json_dict(cls, data, path: str) -> "Vocabulary":
         def fail(problem: str):
             raise VocabularyError(path, problem)
