@@ -64,6 +64,8 @@ class TrainConfig:
     margin: float = 0.2  # hinge margin
     loss_tau: float = 0.05  # temperature of the smooth loss
     loss_reduction: str = "sum"  # "sum" over queries (VSE++/SCAN convention) or "mean"
+    sum_loss_epochs: int = 0  # first epochs sum over all negatives before loss_mode applies: the hardest-
+                             # negative loss from a random start collapses (all scores equal; VSE-infinity warms up too)
     amp: str = "bf16"  # CUDA only: "bf16" autocast, "fp16" autocast + GradScaler, or "none"; CPU runs fp32
     seed: int = 0  # seeds python/numpy/torch (+ rank) and the data order
     deterministic: bool = False  # torch.use_deterministic_algorithms(True): resume is bit-exact
@@ -141,6 +143,8 @@ class Trainer:
         self.validate, self.model_name, self.vocab = validate, model_name, vocab
         self.progress = progress
         self.loss_fn = loss_fn or ContrastiveLoss(config.margin, config.loss_mode, config.loss_tau, config.loss_reduction)
+        self.warmup_loss_fn = ContrastiveLoss(config.margin, "sum", config.loss_tau, config.loss_reduction)
+        self._epoch = 0
         self._device_arg = device
         self.out_dir = Path(config.out_dir)
 
@@ -214,7 +218,8 @@ class Trainer:
         amp = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         with amp:
             scores = self.ddp(batch.images, batch.texts)  # (B, B) through forward, so DDP syncs gradients
-        loss = self.loss_fn(scores.float(), batch.image_ids)
+        loss_fn = self.warmup_loss_fn if self._epoch < cfg.sum_loss_epochs else self.loss_fn
+        loss = loss_fn(scores.float(), batch.image_ids)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -319,6 +324,7 @@ class Trainer:
                 if cfg.patience > 0 and self.validate is not None and self.epochs_since_best >= cfg.patience:
                     stopped_early = True  # a run resumed after its early-stop epoch
                     break
+                self._epoch = epoch
                 loader, total = self._loader(epoch, start_batch)
                 bar = self._bar(epoch, total, start_batch)
                 self.ddp.train()

@@ -1,0 +1,62 @@
+"""`tvrn eval CKPT_OR_NPY [...] --data DIR --split test --protocol f30k_1k|coco_1k|coco_5k|all`.
+
+Several inputs are an ensemble: their score matrices are averaged. A `.npy` input is a saved score matrix
+(N_img, N_caps) of the split; `--save-scores` writes this evaluation's matrix for later ensembles.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tvrn.evaluation import PROTOCOLS
+
+ROWS = (("i2t", "image-to-text"), ("t2i", "text-to-image"))
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate checkpoints or score matrices under a protocol",
+        description="Evaluate one checkpoint, a saved score matrix (.npy), or an ensemble of several.")
+    p.add_argument("inputs", nargs="+", help="checkpoints (.pt) and/or score matrices (.npy)")
+    p.add_argument("--data", required=True, help="precomp data folder")
+    p.add_argument("--split", default="test", help="split to evaluate (default %(default)s; COCO: testall)")
+    p.add_argument("--protocol", default="all", choices=PROTOCOLS, help="evaluation protocol (default %(default)s)")
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("--save-scores", help="save the (ensembled) score matrix as .npy")
+    p.add_argument("--batch-size", type=int, default=128, help="images / captions per encode batch")
+    p.add_argument("--adjacency-threshold", type=float, default=0.2, help="IoU threshold of spatial adjacency")
+    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def format_metrics(result: dict) -> str:
+    lines = []
+    for key, label in ROWS:
+        r = [result[f"{key}/R@{k}"] for k in (1, 5, 10)]
+        lines.append(f"  {label:14s} R@1 {r[0]:5.1f}  R@5 {r[1]:5.1f}  R@10 {r[2]:5.1f}  "
+                     f"medr {result[f'{key}/medr']:.0f}  meanr {result[f'{key}/meanr']:.1f}")
+    lines.append(f"  RSUM {result['rsum']:.1f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tvrn.data import TvrnDataError
+    from tvrn.evaluation import write_json
+    from tvrn.pipeline import evaluate_checkpoints
+
+    try:
+        result = evaluate_checkpoints(args.inputs, args.data, split=args.split, protocol=args.protocol,
+                                      adjacency_threshold=args.adjacency_threshold, eval_batch_size=args.batch_size,
+                                      save_scores_to=args.save_scores, device=args.device,
+                                      progress=not args.no_progress)
+    except (TvrnDataError, ValueError, FileNotFoundError) as e:
+        print(f"tvrn eval: {e}", file=sys.stderr)
+        return 2
+    what = "ensemble of " + ", ".join(args.inputs) if len(args.inputs) > 1 else args.inputs[0]
+    print(f"tvrn eval: {what} on {args.data} {args.split}, protocol {args.protocol}")
+    print(format_metrics(result))
+    if args.out:
+        write_json(args.out, result)
+        print(f"  metrics written to {args.out}")
+    return 0

@@ -1,0 +1,173 @@
+"""Glue from a run config to data, tokenizer, model, trainer and evaluation: what `tvrn train`, `tvrn eval`
+and `tvrn demo` call. No argument parsing and no printing here.
+
+    cfg = resolve_config("tvrn_synth", ["data.root=data/synth", "train.epochs=3"])
+    summary = train_from_config(cfg, out_dir="runs/tvrn", progress=True)
+    result = evaluate_checkpoints(["runs/tvrn/best.pt"], data_root="data/synth", split="test", protocol="all")
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .config import apply_overrides, load_config, save_config
+from .data import PairDataset, PrecompSplit, Vocabulary, iter_image_batches, iter_text_batches, load_split
+from .evaluation import ensemble, evaluate, evaluate_protocol, load_scores
+from .models import BertTokenizer, create_model, glove_vectors
+from .scoring import encode_images, encode_texts, score_all
+from .train.checkpoint import load_checkpoint
+from .train.trainer import TrainConfig, Trainer
+
+DEFAULT_DATA = {
+    "root": None,  # precomp folder (SPLIT_ims.npy, SPLIT_caps.txt, ...)
+    "vocab": None,  # SCAN vocabulary JSON; default ROOT/vocab.json (GRU text encoders only)
+    "train_split": "train",
+    "dev_split": "dev",  # COCO: "dev_5k" (the first 5000 dev captions, as everyone does)
+    "adjacency_threshold": 0.2,  # IoU threshold of the spatial adjacency (the official script's value)
+    "glove": False,  # initialise GRU word vectors from GloVe 6B 50d (needs model.word_dim=50)
+    "eval_batch_size": 128,  # images / captions per encode batch at evaluation
+    "block_images": 128,  # scorer block: images x captions scored at once
+    "block_texts": 512,
+}
+DEFAULT_EVAL = {"split": "test", "protocol": "all"}
+
+
+def resolve_config(config: str | dict, overrides: Sequence[str] = ()) -> dict:
+    """Preset name, JSON path or dict -> a full run config with defaults filled in and overrides applied."""
+    cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else dict(config)
+    cfg = apply_overrides(cfg, overrides)
+    cfg.setdefault("model", {}).setdefault("name", "tvrn_sgr")
+    cfg["data"] = {**DEFAULT_DATA, **cfg.get("data", {})}
+    cfg["eval"] = {**DEFAULT_EVAL, **cfg.get("eval", {})}
+    TrainConfig.from_dict(cfg.setdefault("train", {}))  # unknown train keys fail here, naming them
+    return cfg
+
+
+def build_tokenizer(model_config, vocab: Optional[Vocabulary]):
+    """The model's tokenizer: the SCAN vocabulary for GRU encoders, the word-piece tokenizer for BERT."""
+    if model_config.text_encoder == "bert":
+        return BertTokenizer(model_config.bert_path)
+    if vocab is None:
+        raise ValueError("a GRU text encoder needs a vocabulary (data.vocab or ROOT/vocab.json)")
+    return vocab
+
+
+def uses_bert(cfg: dict) -> bool:
+    """Whether the configured model has a BERT text encoder (then no vocabulary file is needed)."""
+    return cfg["model"].get("text_encoder") == "bert" or cfg["model"]["name"].endswith("_bert")
+
+
+def _vocab_path(data: dict) -> Path:
+    return Path(data["vocab"]) if data.get("vocab") else Path(data["root"]) / "vocab.json"
+
+
+def build_model(cfg: dict, feature_size: int, vocab: Optional[Vocabulary]) -> nn.Module:
+    """create_model(cfg.model.name, **overrides) with img_dim from the data and vocab_size from the vocabulary."""
+    overrides = {k: v for k, v in cfg["model"].items() if k != "name"}
+    overrides["img_dim"] = feature_size
+    if vocab is not None:
+        overrides["vocab_size"] = len(vocab)
+    model = create_model(cfg["model"]["name"], **overrides)
+    if cfg["data"].get("glove") and model.config.text_encoder == "gru":
+        vectors, found = glove_vectors(vocab.idx2word)
+        model.text_encoder.load_word_vectors(vectors, found)
+    return model
+
+
+@torch.no_grad()
+def score_split(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, device=None,
+                progress: bool = False) -> torch.Tensor:
+    """All-pairs scores of a split -> (N_img, N_caps) float32 on the CPU, through the one scorer."""
+    bs = int(data.get("eval_batch_size", 128))
+    thr = float(data.get("adjacency_threshold", 0.2))
+    enc_i = encode_images(model, iter_image_batches(split, bs, adjacency_threshold=thr), device=device,
+                          progress=progress)
+    enc_t = encode_texts(model, iter_text_batches(split, tokenizer, bs), device=device, progress=progress)
+    return score_all(model, enc_i, enc_t, block_images=int(data.get("block_images", 128)),
+                     block_texts=int(data.get("block_texts", 512)), device=device, progress=progress)
+
+
+def make_validate(split: PrecompSplit, tokenizer, data: dict) -> Callable[[nn.Module], dict]:
+    """validate(model) -> metrics dict with 'rsum', all pairs of the dev split."""
+    c2i = torch.as_tensor(split.caption_to_image)
+
+    def validate(model: nn.Module) -> dict:
+        return evaluate(score_split(model, split, tokenizer, data), c2i)
+
+    return validate
+
+
+def train_from_config(cfg: dict, out_dir: str | os.PathLike, resume: bool | str = False, progress: bool = False,
+                      device=None) -> dict[str, Any]:
+    """Train the model a resolved run config describes; checkpoints, metrics.jsonl and run.json go to out_dir."""
+    data = cfg["data"]
+    if not data.get("root"):
+        raise ValueError("the run config has no data.root (a precomp folder); set it with data.root=PATH")
+    train_split = load_split(data["root"], data["train_split"])
+    dev_split = load_split(data["root"], data["dev_split"])
+    vocab = None if uses_bert(cfg) else Vocabulary.load(_vocab_path(data))
+    model = build_model(cfg, train_split.feature_size, vocab)
+    tokenizer = build_tokenizer(model.config, vocab)
+    tcfg = TrainConfig.from_dict({**cfg["train"], "out_dir": str(out_dir)})
+    run = dict(cfg, train=dataclasses.asdict(tcfg))
+    save_config(run, Path(out_dir) / "run.json")
+    thr = float(data["adjacency_threshold"])
+    dataset = PairDataset(train_split, tokenizer, adjacency_threshold=thr)
+    trainer = Trainer(
+        model, tcfg, train_dataset=dataset, collate_fn=dataset.collate,
+        validate=make_validate(dev_split, tokenizer, data), model_name=cfg["model"]["name"],
+        vocab=vocab.to_json_dict() if vocab is not None else None, device=device, progress=progress,
+    )
+    summary = trainer.fit(resume=resume)
+    summary["model_name"] = cfg["model"]["name"]
+    summary["parameters"] = sum(p.numel() for p in model.parameters())
+    return summary
+
+
+def load_trained(path: str | os.PathLike, map_location="cpu"):
+    """A checkpoint written by training -> (model in eval mode, tokenizer, checkpoint config dict)."""
+    ckpt = load_checkpoint(path, map_location)
+    config = ckpt.get("config") or {}
+    if not config.get("model_name") or not config.get("model"):
+        raise ValueError(f"checkpoint {path} has no model config (config.model_name / config.model)")
+    model = create_model(config["model_name"], **config["model"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    vocab = Vocabulary.from_json_dict(ckpt["vocab"]) if ckpt.get("vocab") else None
+    return model, build_tokenizer(model.config, vocab), config
+
+
+def evaluate_checkpoints(
+    paths: Sequence[str | os.PathLike], data_root: str | os.PathLike, split: str = "test", protocol: str = "all",
+    adjacency_threshold: float = 0.2, eval_batch_size: int = 128, save_scores_to: Optional[str] = None,
+    device=None, progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate checkpoints (.pt) and/or saved score matrices (.npy); several are an ensemble (scores averaged).
+
+    Returns the metrics of the protocol plus "members" (the inputs) and "split".
+    """
+    data_split = load_split(data_root, split)
+    data = {"eval_batch_size": eval_batch_size, "adjacency_threshold": adjacency_threshold}
+    shape = (data_split.num_images, data_split.num_captions)
+    matrices = []
+    for p in paths:
+        if str(p).endswith(".npy"):
+            matrices.append(load_scores(p, expected_shape=shape))
+        else:
+            model, tokenizer, _ = load_trained(p)
+            if device is not None:
+                model.to(device)
+            matrices.append(score_split(model, data_split, tokenizer, data, device=device, progress=progress))
+    scores = ensemble(matrices) if len(matrices) > 1 else matrices[0]
+    if save_scores_to:
+        from .evaluation import save_scores
+        save_scores(save_scores_to, scores)
+    result = evaluate_protocol(scores, torch.as_tensor(data_split.caption_to_image), protocol)
+    result["members"] = [str(p) for p in paths]
+    result["split"] = split
+    return result

@@ -1,0 +1,100 @@
+"""End to end through the CLI and the pipeline: synth -> train (paper preset) -> eval -> ensemble; demo."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tvrn.cli import main
+from tvrn.data.synth import SynthConfig, write_dataset
+from tvrn.demo import DemoEntry, format_table, run_demo, twin_accuracy
+
+
+@pytest.fixture(scope="module")
+def paper_shaped(tmp_path_factory):
+    """A tiny folder in the precomp layout at paper feature shapes (R=36, Dv=2048)."""
+    root = tmp_path_factory.mktemp("paper_precomp")
+    write_dataset(root, SynthConfig(seed=3, train_images=4, dev_images=2, test_images=2, regions=36,
+                                    feature_dim=2048, render_images=False, twin_fraction=0.0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(paper_shaped, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tvrn"
+    rc = main(["train", "--config", "tvrn_sgr_f30k_gru", "--data", str(paper_shaped),
+               "--set", f"data.vocab={paper_shaped / 'vocab.json'}", "--set", "train.tensorboard=false",
+               "--epochs", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_train_with_paper_preset_writes_run(trained):
+    run = json.loads((trained / "run.json").read_text())
+    assert run["model"]["name"] == "tvrn_sgr"
+    assert run["train"]["lr"] == 2e-4 and run["train"]["lr_milestones"] == [20]  # the preset's values
+    assert run["train"]["epochs"] == 1  # the flag's override
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    assert ckpt["config"]["model"]["embed_size"] == 1024 and ckpt["config"]["model"]["img_dim"] == 2048
+    lines = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines if x["kind"] == "epoch"] == [0]
+
+
+def test_eval_checkpoint_and_ensemble(trained, paper_shaped, tmp_path, capsys):
+    out1, npy = tmp_path / "m.json", tmp_path / "s.npy"
+    assert main(["eval", str(trained / "best.pt"), "--data", str(paper_shaped), "--split", "test",
+                 "--protocol", "f30k_1k", "--out", str(out1), "--save-scores", str(npy), "--no-progress"]) == 0
+    single = json.loads(out1.read_text())
+    assert single["protocol"] == "f30k_1k" and 0 <= single["rsum"] <= 600
+    scores = np.load(npy)
+    assert scores.shape == (2, 10)
+    # an ensemble of the checkpoint and its own saved scores averages equal matrices: same metrics
+    out2 = tmp_path / "e.json"
+    assert main(["eval", str(trained / "best.pt"), str(npy), "--data", str(paper_shaped), "--out", str(out2),
+                 "--no-progress"]) == 0
+    ens = json.loads(out2.read_text())
+    assert {k: ens[k] for k in ("rsum", "i2t/R@1", "t2i/meanr")} == {k: single[k] for k in ("rsum", "i2t/R@1", "t2i/meanr")}
+    assert "RSUM" in capsys.readouterr().out
+
+
+def test_eval_rejects_score_matrix_of_wrong_shape(paper_shaped, tmp_path, capsys):
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((3, 7), dtype=np.float32))
+    assert main(["eval", str(bad), "--data", str(paper_shaped), "--no-progress"]) == 2
+    assert "bad.npy" in capsys.readouterr().err
+
+
+def test_train_reports_bad_config_key(paper_shaped, capsys):
+    rc = main(["train", "--config", "tvrn_synth", "--data", str(paper_shaped), "--set", "train.no_such_key=1"])
+    assert rc == 2 and "no_such_key" in capsys.readouterr().err
+
+
+def test_twin_accuracy_matches_loop():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 20, generator=g)
+    c2i = torch.arange(20) // 5
+    twin_of = np.array([2, -1, 0, -1])
+    expect = []
+    for c in range(20):
+        i = int(c2i[c])
+        if twin_of[i] >= 0:
+            expect.append(float(scores[i, c] > scores[twin_of[i], c]))
+    assert twin_accuracy(scores, c2i, twin_of) == pytest.approx(100 * sum(expect) / len(expect))
+    assert twin_accuracy(scores, c2i, np.full(4, -1)) is None
+
+
+def test_demo_runs_tiny(tmp_path):
+    data = tmp_path / "synth"
+    write_dataset(data, SynthConfig(seed=1, train_images=12, dev_images=4, test_images=4, render_images=False))
+    entries = (DemoEntry("TVRN", ["model.name=tvrn_sgr"]), DemoEntry("VSE", ["model.name=vse"]))
+    small = ("model.embed_size=16", "model.sim_dim=8", "model.word_dim=8", "train.epochs=2", "train.batch_size=10")
+    out = tmp_path / "demo"
+    summary = run_demo(data, out, entries=entries, extra_overrides=small)
+    assert [r["label"] for r in summary["rows"]] == ["TVRN", "VSE"]
+    assert (out / "dev_rsum.png").stat().st_size > 1000
+    assert json.loads((out / "results.json").read_text())["rows"][0]["model"] == "tvrn_sgr"
+    table = format_table(summary["rows"])
+    assert table.count("\n") == 3 and "| TVRN |" in table
+    # a second run reuses the finished runs instead of retraining
+    again = run_demo(data, out, entries=entries, extra_overrides=small)
+    assert again["rows"] == summary["rows"]
