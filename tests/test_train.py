@@ -104,3 +104,34 @@ def test_library_does_not_print(tmp_path, capsys):
     _run(tmp_path, epochs=1)
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
+
+
+def test_sum_loss_epochs_switch_the_loss(tmp_path):
+    """With sum_loss_epochs=1 the first epoch's loss is the sum over negatives, later ones the hardest-negative
+    loss: replaying the logged steps with both losses tells them apart."""
+    from tvrn.losses import ContrastiveLoss
+
+    seen = []
+
+    class Recording(ContrastiveLoss):
+        def forward(self, scores, image_ids=None):
+            seen.append((scores.detach().clone(), image_ids.clone()))
+            return super().forward(scores, image_ids)
+
+    seed_everything(0)
+    split = make_split(12, caps_per_image=2, seed=0)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, out_dir=str(tmp_path), tensorboard=False, patience=0,
+                      loss_mode="max", sum_loss_epochs=1, log_every_steps=1)
+    trainer = Trainer(ToyModel(), cfg, train_dataset=PairDataset(split), collate_fn=make_collate(split))
+    rec_max, rec_sum = Recording(0.2, "max"), Recording(0.2, "sum")
+    trainer.loss_fn, trainer.warmup_loss_fn = rec_max, rec_sum
+    trainer.fit()
+    steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    steps = [x for x in steps if x["kind"] == "step"]
+    assert len(seen) == len(steps) == 6
+    sum_loss, max_loss = ContrastiveLoss(0.2, "sum"), ContrastiveLoss(0.2, "max")
+    for (scores, ids), rec in zip(seen, steps):
+        want = sum_loss if rec["epoch"] == 0 else max_loss
+        other = max_loss if rec["epoch"] == 0 else sum_loss
+        assert rec["train/loss"] == pytest.approx(float(want(scores, ids)), rel=1e-5)
+        assert float(other(scores, ids)) != pytest.approx(rec["train/loss"], rel=1e-3)
