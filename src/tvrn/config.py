@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
+from .fileio import atomic_write
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file or key."""
@@ -111,8 +113,5 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
 
 def save_config(config: dict, path) -> None:
     """Write the resolved config as JSON, atomically (temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
+from .fileio import atomic_write
 from .metrics import METRIC_NAMES, retrieval_metrics
 
 PROTOCOLS = ("f30k_1k", "coco_1k", "coco_5k", "all")
@@ -91,28 +91,13 @@ def load_scores(path: str | os.PathLike, expected_shape: Optional[tuple[int, int
     return torch.from_numpy(np.array(arr, dtype=np.float32))
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_scores(path: str | os.PathLike, scores: torch.Tensor) -> None:
     """Write a score matrix to .npy atomically (temp file + os.replace)."""
     arr = torch.as_tensor(scores).detach().float().cpu().numpy()
-    _atomic_write_bytes(Path(path), lambda f: np.save(f, arr))
+    atomic_write(path, lambda f: np.save(f, arr))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write a JSON document atomically (temp file + os.replace), so a reader never sees half a file."""
     data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
-    _atomic_write_bytes(Path(path), lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
