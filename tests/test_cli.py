@@ -98,3 +98,24 @@ def test_demo_runs_tiny(tmp_path):
     # a second run reuses the finished runs instead of retraining
     again = run_demo(data, out, entries=entries, extra_overrides=small)
     assert again["rows"] == summary["rows"]
+
+
+def test_train_cli_under_torchrun_two_cpu_ranks(tmp_path):
+    """The real entry point under torchrun (gloo, 2 processes): rank 0 writes the run, training completes."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "synth"
+    write_dataset(data, SynthConfig(seed=2, train_images=8, dev_images=2, test_images=2, render_images=False))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tvrn.cli",
+           "train", "--config", "tvrn_synth", "--data", str(data), "--out", str(out), "--epochs", "1",
+           "--batch-size", "4", "--no-progress", "--set", "model.embed_size=16", "--set", "model.sim_dim=8",
+           "--set", "model.word_dim=8"]
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("tvrn train:") == 1  # only rank 0 reports
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["rng"]["world_size"] == 2
+    assert ckpt["step"] == 5  # 40 captions / 2 ranks / batch 4

@@ -21,6 +21,7 @@ from .evaluation import ensemble, evaluate, evaluate_protocol, load_scores
 from .models import BertTokenizer, create_model, glove_vectors
 from .scoring import encode_images, encode_texts, score_all
 from .train.checkpoint import load_checkpoint
+from .train.distributed import init_distributed
 from .train.trainer import TrainConfig, Trainer
 
 DEFAULT_DATA = {
@@ -115,7 +116,8 @@ def train_from_config(cfg: dict, out_dir: str | os.PathLike, resume: bool | str 
     tokenizer = build_tokenizer(model.config, vocab)
     tcfg = TrainConfig.from_dict({**cfg["train"], "out_dir": str(out_dir)})
     run = dict(cfg, train=dataclasses.asdict(tcfg))
-    save_config(run, Path(out_dir) / "run.json")
+    if init_distributed().is_main:  # under torchrun: every rank trains, rank 0 writes
+        save_config(run, Path(out_dir) / "run.json")
     thr = float(data["adjacency_threshold"])
     dataset = PairDataset(train_split, tokenizer, adjacency_threshold=thr)
     trainer = Trainer(
