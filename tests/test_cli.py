@@ -98,6 +98,9 @@ def test_demo_runs_tiny(tmp_path):
     # a second run reuses the finished runs instead of retraining
     again = run_demo(data, out, entries=entries, extra_overrides=small)
     assert again["rows"] == summary["rows"]
+    # ... but not when the config changed
+    changed = run_demo(data, out, entries=entries[1:], extra_overrides=small + ("train.lr=0.01",))
+    assert changed["rows"][0]["config"]["train"]["lr"] == 0.01
 
 
 def test_train_cli_under_torchrun_two_cpu_ranks(tmp_path):

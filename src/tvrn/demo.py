@@ -110,7 +110,8 @@ def run_demo(data_root: str | Path, out_dir: str | Path, preset: str = "demo_syn
     """Train and evaluate every entry on the synthetic benchmark at data_root; results under out_dir.
 
     Returns {"rows": [{label, model, metrics..., twin_acc, train_seconds, parameters}], "plot": path|None}.
-    With resume=True an entry whose run already finished (its best.pt and result.json exist) is not retrained.
+    With resume=True an entry whose run already finished with the same config is not retrained, and one that
+    was killed continues from its last checkpoint.
     """
     data_root, out_dir = Path(data_root), Path(out_dir)
     test = load_split(data_root, "test")
@@ -121,9 +122,10 @@ def run_demo(data_root: str | Path, out_dir: str | Path, preset: str = "demo_syn
         run_dir = out_dir / entry.label.lower().replace(" ", "_").replace("/", "").replace("(", "").replace(")", "")
         cfg = resolve_config(preset, [f"data.root={data_root}", *entry.overrides, *extra_overrides])
         result_path = run_dir / "result.json"
-        if resume and result_path.exists() and (run_dir / "best.pt").exists():
+        done = json.loads(result_path.read_text()) if result_path.exists() else None
+        if resume and done and done.get("config") == cfg and (run_dir / "best.pt").exists():
             on_event(f"{entry.label}: already trained ({run_dir})")
-            row = json.loads(result_path.read_text())
+            row = done
         else:
             on_event(f"{entry.label}: training {cfg['model']['name']} for {cfg['train']['epochs']} epochs -> {run_dir}")
             t0 = time.time()
@@ -134,7 +136,7 @@ def run_demo(data_root: str | Path, out_dir: str | Path, preset: str = "demo_syn
             row = {"label": entry.label, "model": cfg["model"]["name"], "overrides": entry.overrides,
                    **evaluate(scores, c2i), "twin_acc": twin_accuracy(scores, c2i, twins),
                    "train_seconds": seconds, "parameters": summary["parameters"],
-                   "best_epoch": summary["best_epoch"], "best_dev_rsum": summary["best_rsum"]}
+                   "best_epoch": summary["best_epoch"], "best_dev_rsum": summary["best_rsum"], "config": cfg}
             write_json(result_path, row)
             on_event(f"{entry.label}: test RSUM {row['rsum']:.1f}, twin accuracy {row['twin_acc']:.1f}% "
                      f"({seconds:.0f} s)")
