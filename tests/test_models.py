@@ -336,3 +336,66 @@ def test_tvrn_ablations_run_pad_and_batch_correctly(switches):
         loop = torch.tensor([[model.score(ei[i:i + 1], et[c:c + 1]).item() for c in range(B)] for i in range(B)])
         torch.testing.assert_close(full, loop, atol=1e-5, rtol=0)
         torch.testing.assert_close(model(pad_images(images, 2), pad_texts(texts, 3)), full, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- fast inference path
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_score_equals_plain_score(name):
+    """Inference (eval, no grad) groups captions by length and uses exact shortcuts; the plain path is the
+    masked computation written like the equations. Mixed lengths and padded regions exercise every branch."""
+    model = build(name)
+    if not hasattr(model, "_score_plain"):
+        pytest.skip("one path only")
+    images = pad_images(make_images(4), 2)
+    texts = pad_texts(make_texts(model, 6, lengths=(7, 5, 3, 5, 2, 7)), 2)
+    with torch.no_grad():
+        ei, et = model.encode_image(images), model.encode_text(texts)
+        torch.testing.assert_close(model.score(ei, et), model._score_plain(ei, et), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("switches", ABLATIONS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_fast_score_equals_plain_score_for_ablations(switches):
+    model = build("tvrn_sgr", **switches)
+    images, texts = pad_images(make_images(3), 1), make_texts(model, 4, lengths=(7, 2, 5, 2))
+    with torch.no_grad():
+        ei, et = model.encode_image(images), model.encode_text(texts)
+        torch.testing.assert_close(model.score(ei, et), model._score_plain(ei, et), atol=1e-5, rtol=0)
+
+
+def test_gru_scan_dense_equals_masked_scan_with_per_caption_first_step():
+    from tvrn.models.layers import gru_scan_dense
+
+    torch.manual_seed(0)
+    cell = torch.nn.GRUCell(D, D)
+    x, h0 = torch.randn(4, 5, D), torch.randn(2, D)  # 4 pairs = 2 images x 2 captions, per-caption h0
+    gi = gru_input(cell, x)
+    ref, _ = gru_scan(cell, gi, torch.ones(4, 5, dtype=torch.bool), h0.repeat(2, 1))
+    gh0 = torch.nn.functional.linear(h0, cell.weight_hh, cell.bias_hh).repeat(2, 1)  # (4, 3D)
+    with torch.no_grad():
+        got = gru_scan_dense(cell, gi.clone(), h0.repeat(2, 1), torch.empty(4, 5, D), gh0)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+        torch.testing.assert_close(gru_scan_dense(cell, gi.clone(), h0.repeat(2, 1), torch.empty(4, 5, D)), ref,
+                                   atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("read_global", [True, False])
+def test_graph_reasoning_dense_shortcuts_equal_plain(read_global):
+    from tvrn.models.layers import GraphReasoning
+
+    torch.manual_seed(0)
+    sgr = GraphReasoning(S, 3)
+    for m in sgr.modules():  # non-zero biases, so the bias term of the edge shortcut is exercised
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.normal_(m.bias)
+    nodes = torch.randn(6, 9, S)
+    with torch.no_grad():
+        ref = sgr(nodes, torch.ones(6, 9, dtype=torch.bool), read_global)
+        torch.testing.assert_close(sgr.forward_dense(nodes, read_global), ref, atol=1e-5, rtol=0)
+
+
+def test_pair_bytes_every_model():
+    for name in MODELS:
+        model = build(name)
+        with torch.no_grad():
+            ei, et = model.encode_image(make_images(2)), model.encode_text(make_texts(model, 2))
+        assert model.pair_bytes(ei[:1], et[:1]) > 0

@@ -106,3 +106,36 @@ def test_restores_training_mode_and_no_grad(setup):
 def test_empty_gallery(setup):
     model, _, ei, et = setup
     assert score_all(model, ei[:0], et).shape == (0, 27)
+
+
+def test_tvrn_budgeted_length_sorted_blocks_equal_one_block():
+    """Real model, mixed caption lengths in gallery order: budgeted blocks over length-sorted captions give the
+    single-block scores in gallery order; the plan caps captions per block for length-grouping models."""
+    from test_models import build, make_images, make_texts
+
+    model = build("tvrn_sgr")
+    with torch.no_grad():
+        ei = model.encode_image(make_images(5))
+        et = model.encode_text(make_texts(model, 11, lengths=(7, 2, 5, 3, 7, 2, 4)))
+        ref = model._score_plain(ei, et)  # (5, 11) plain masked computation
+    per_pair = model.pair_bytes(ei[:1], et[:1])
+    budget = per_pair * 12 / 2**20  # 12 pairs per block
+    bi, bt = plan_blocks(model, ei, et, memory_budget_mb=budget)
+    assert bt == 3 and bi == 4  # 11 captions / 5 lengths -> 3 per block
+    got = score_all(model, ei, et, memory_budget_mb=budget)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(score_all(model, ei, et, memory_budget_mb=None), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tvrn_sgr", "sgraf_sgr", "scan_t2i", "vse"])
+def test_autocast_bf16_runs_fast_paths(name):
+    """CPU bf16 autocast stands in for CUDA bf16 / fp16: the fast paths keep one dtype through their loops."""
+    from test_models import build, make_images, make_texts
+
+    model = build(name)
+    images, texts = make_images(4), make_texts(model, 6, lengths=(7, 5, 3, 5, 2, 7))
+    ref = score_all(model, encode_images(model, [images]), encode_texts(model, [texts]))
+    ei = encode_images(model, [images], autocast_dtype=torch.bfloat16)
+    et = encode_texts(model, [texts], autocast_dtype=torch.bfloat16)
+    got = score_all(model, ei, et, autocast_dtype=torch.bfloat16)
+    assert got.dtype == torch.float32 and (got - ref).abs().max() < 0.05

@@ -11,10 +11,13 @@ relies on exactly this. Plain tensors (item axis first) are accepted wherever an
 
 Blocks: `score_all` calls `model.score(enc_i[i0:i1], enc_t[t0:t1])` once per block of Bi images x Bt captions
 and writes into a preallocated output; peak working memory is one block, independent of the gallery size,
-apart from the output matrix. With `memory_budget_mb`, the block is sized from
-`model.pair_bytes(enc_i[:1], enc_t[:1])` (bytes of working memory per image-caption pair) when the model
-offers it; otherwise the given block sizes are used. A pair's score must not depend on its block (DESIGN 6):
-the tests check that blocked and single-block results agree.
+apart from the output matrix. With `memory_budget_mb` (default 512 MB), the block is sized from
+`model.pair_bytes(enc_i[:1], enc_t[:1])` (bytes of working memory per image-caption pair; every tvrn model
+has it) when the model offers it; otherwise the given block sizes are used (`memory_budget_mb=None` forces
+them). Captions are visited sorted by length (when the encodings have a (Nt, L) `mask`), so a block's captions
+have similar lengths and models drop padded words (TVRN scores each length group without masks); the output
+columns stay in the gallery's order. A pair's score must not depend on its block (DESIGN 6): the tests check
+that blocked, reordered and single-block results agree.
 """
 from __future__ import annotations
 
@@ -164,17 +167,40 @@ def plan_blocks(
 
     Without a budget, or when the model has no `pair_bytes`, the given sizes (clipped to the gallery).
     With both, Bt = min(block_texts, Nt, pairs) and Bi = pairs // Bt, where pairs = budget / pair_bytes.
+    A model's `preferred_block = (Bi, Bt)` caps the given sizes (SCAN: small blocks keep its elementwise work
+    in cache). A model with `score_groups_by_length = True` (TVRN / SGRAF: it scores each caption length separately)
+    also caps Bt at the mean number of captions per distinct length, so that with length-sorted captions a
+    block holds one or two lengths and each group keeps about `pairs` pairs (large matmuls).
     """
     ni, nt = len(enc_images), len(enc_texts)
     bi, bt = max(1, min(block_images, ni)), max(1, min(block_texts, nt))
     pair_bytes = getattr(model, "pair_bytes", None)
     if memory_budget_mb is None or pair_bytes is None or ni == 0 or nt == 0:
         return bi, bt
+    pref = getattr(model, "preferred_block", None)  # (Bi, Bt) at which the model runs fastest (cache sizes)
+    max_bi = ni if pref is None else min(block_images, pref[0])
+    if pref is not None:
+        block_texts = min(block_texts, pref[1])
     per_pair = max(1, int(pair_bytes(enc_images[:1], enc_texts[:1])))
     pairs = max(1, int(memory_budget_mb * 2**20) // per_pair)
     bt = max(1, min(block_texts, nt, pairs))
-    bi = max(1, min(ni, pairs // bt))
+    mask = getattr(enc_texts, "mask", None)
+    if getattr(model, "score_groups_by_length", False) and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        per_length = -(-nt // len(torch.unique(mask.sum(1))))  # mean captions per distinct length, rounded up
+        bt = max(1, min(bt, max(per_length, -(-pairs // ni))))  # never so few captions that images run out
+    bi = max(1, min(ni, max_bi, pairs // bt))
     return bi, bt
+
+
+def _length_order(enc_texts: Any) -> Optional[torch.Tensor]:
+    """Captions sorted by length (stable) -> (Nt,) long, or None if unsorted order is as good / no word mask."""
+    mask = getattr(enc_texts, "mask", None)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    lengths = mask.sum(1).cpu()  # (Nt,)
+    if bool((lengths[1:] >= lengths[:-1]).all()):
+        return None  # already sorted: contiguous slices, no gather
+    return torch.sort(lengths, stable=True).indices
 
 
 def score_all(
@@ -183,7 +209,7 @@ def score_all(
     enc_texts: Any,
     block_images: int = 128,
     block_texts: int = 1024,
-    memory_budget_mb: Optional[float] = None,
+    memory_budget_mb: Optional[float] = 512.0,
     device: Optional[torch.device | str] = None,
     out_device: torch.device | str = "cpu",
     autocast_dtype: Optional[torch.dtype] = None,
@@ -202,6 +228,7 @@ def score_all(
     if ni == 0 or nt == 0:
         return out
     bi, bt = plan_blocks(model, enc_images, enc_texts, block_images, block_texts, memory_budget_mb)
+    order = _length_order(enc_texts)  # (Nt,) caption visiting order, or None (gallery order)
     n_blocks = -(-ni // bi) * -(-nt // bt)
     bar = None
     if progress:
@@ -213,13 +240,18 @@ def score_all(
             for i0 in range(0, ni, bi):
                 imgs = enc_images[i0 : i0 + bi].to(device)  # Bi images
                 for t0 in range(0, nt, bt):
-                    txts = enc_texts[t0 : t0 + bt].to(device)  # Bt captions
+                    cols = order[t0 : t0 + bt] if order is not None else None  # (Bt,) gallery columns
+                    txts = (enc_texts[t0 : t0 + bt] if cols is None else enc_texts[cols]).to(device)  # Bt captions
                     block = model.score(imgs, txts)  # (Bi, Bt)
                     if block.shape != (len(imgs), len(txts)):
                         raise ValueError(
                             f"model.score returned {tuple(block.shape)} for {len(imgs)} images x {len(txts)} captions"
                         )
-                    out[i0 : i0 + bi, t0 : t0 + bt] = block.float().to(out_device)
+                    if cols is None:
+                        out[i0 : i0 + bi, t0 : t0 + bt] = block.float().to(out_device)
+                    else:
+                        out[i0 : i0 + bi].index_copy_(1, cols.to(out.device), block.float().to(out_device))
+                    del txts, block  # free this block's captions before the next block gathers its own
                     if bar is not None:
                         bar.update(1)
     finally:

@@ -3,6 +3,11 @@
     enc_i = model.encode_image(images)   # per-image work, once per image
     enc_t = model.encode_text(texts)     # per-caption work, once per caption
     model.score(enc_i[i0:i1], enc_t[t0:t1])  # (Ni, Nt) pair work, rows images, columns captions
+    model.pair_bytes(enc_i[:1], enc_t[:1])     # working bytes per pair of `score`, for memory-budgeted blocks
+
+`score` has two paths that agree within float rounding (tests check it): a plain one, written like the
+papers' equations, used when gradients are needed (training); and a fast one for inference (eval mode, no
+grad) that groups captions by length (no padded words) and uses exact algebraic shortcuts.
 
 Encoded containers hold only tensors whose first axis is the item axis (Ni or Nt); fields a model does not
 compute are None. Slicing slices every field together; `.to(device)` moves them.
@@ -16,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
+from .layers import l2norm, masked_mean
 
 
 class _Encoded:
@@ -93,6 +99,26 @@ class EncodedTexts(_Encoded):
     refined: Optional[torch.Tensor] = None
     refined_local: Optional[torch.Tensor] = None
 
+    def trim(self, n: int) -> "EncodedTexts":
+        """Keep the first n word positions of every field with a word axis (dim 1)."""
+        return replace(self, **{k: getattr(self, k)[:, :n] for k in ("words", "mask", "ctx_queries", "refined",
+                                                                     "refined_local") if getattr(self, k) is not None})
+
+    def length_groups(self) -> Optional[list[tuple[torch.Tensor | slice, int]]]:
+        """Captions grouped by length: [(indices (n_g,) long, or a slice when the group is contiguous, length)],
+        or None when some mask is not a prefix of True (padding in the middle) or some caption is empty; then
+        callers use the masked path. `tvrn.scoring.score_all` sorts captions by length, so groups are slices."""
+        lengths = self.mask.sum(1)  # (Nt,)
+        prefix = torch.arange(self.mask.shape[1], device=self.mask.device)[None] < lengths[:, None]  # (Nt, L)
+        if len(self) == 0 or not torch.equal(prefix, self.mask) or int(lengths.min()) == 0:
+            return None
+        groups = []
+        for n in torch.unique(lengths).tolist():
+            idx = torch.nonzero(lengths == n).reshape(-1)  # (n_g,)
+            i0, i1 = int(idx[0]), int(idx[-1]) + 1
+            groups.append((slice(i0, i1) if i1 - i0 == len(idx) else idx, int(n)))
+        return groups
+
 
 class RetrievalModel(nn.Module):
     """Base of every model: encode_image, encode_text, score (Ni, Nt), forward = score of the encodings."""
@@ -108,6 +134,21 @@ class RetrievalModel(nn.Module):
     def score(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, images, texts) -> torch.Tensor:
-        """ImageBatch (Ni), TextBatch (Nt) -> scores (Ni, Nt)."""
-        return self.score(self.encode_image(images), self.encode_text(texts))
+    def forward(self, images, texts, return_shortlist: bool = False):
+        """ImageBatch (Ni), TextBatch (Nt) -> scores (Ni, Nt); with return_shortlist also the (Ni, Nt) cosines of
+        the shortlist embeddings (for the trainer's auxiliary loss; one forward, so DDP sees both)."""
+        enc_i, enc_t = self.encode_image(images), self.encode_text(texts)
+        scores = self.score(enc_i, enc_t)
+        if not return_shortlist:
+            return scores
+        short = self.shortlist_embed_image(enc_i) @ self.shortlist_embed_text(enc_t).t()  # (Ni, D) @ (D, Nt)
+        return scores, short
+
+    # ---------------------------------------------------------------- shortlist (two-stage search)
+    def shortlist_embed_image(self, images: EncodedImages) -> torch.Tensor:
+        """(Ni, D) unit pair-independent image vector; default: the l2 mean of the content IRs."""
+        return l2norm(masked_mean(images.regions, images.mask))
+
+    def shortlist_embed_text(self, texts: EncodedTexts) -> torch.Tensor:
+        """(Nt, D) unit pair-independent caption vector; default: the l2 mean of the content TRs."""
+        return l2norm(masked_mean(texts.words, texts.mask))

@@ -124,19 +124,50 @@ def gru_scan(cell: nn.GRUCell, gi: torch.Tensor, mask: torch.Tensor, h0: torch.T
     """
     D = cell.hidden_size
     h = gi.new_zeros(gi.shape[:-2] + (D,)) if h0 is None else h0
-    mask = mask.expand(gi.shape[:-1])  # (..., T)
+    masks = mask.expand(gi.shape[:-1]).unbind(-1)  # T x (...)
+    # unbind, not gi[..., t, :]: the backward of T separate selects would write T full-size zero tensors
+    steps = gi.unbind(-2)  # T x (..., 3D)
     out = []
-    for t in range(gi.shape[-2]):
+    for t, g in enumerate(steps):
         gh = F.linear(h, cell.weight_hh, cell.bias_hh)  # (..., 3D)
-        x_r, x_z, x_n = gi[..., t, :].chunk(3, -1)  # 3 x (..., D)
+        x_r, x_z, x_n = g.chunk(3, -1)  # 3 x (..., D)
         h_r, h_z, h_n = gh.chunk(3, -1)
         r = torch.sigmoid(x_r + h_r)
         z = torch.sigmoid(x_z + h_z)
         n = torch.tanh(x_n + r * h_n)
         h_new = (1 - z) * n + z * h
-        h = torch.where(mask[..., t, None], h_new, h)  # (..., D)
+        h = torch.where(masks[t][..., None], h_new, h)  # (..., D)
         out.append(h)
     return torch.stack(out, -2), h  # (..., T, D), (..., D)
+
+
+def gru_scan_dense(cell: nn.GRUCell, gi: torch.Tensor, h0: torch.Tensor, out: torch.Tensor,
+                   gh0: torch.Tensor | None = None) -> torch.Tensor:
+    """`gru_scan` without a mask (every step real), for inference: fused gate ops, outputs written in place.
+
+    gi (P, T, 3D) input gates W_ih x_t + b_ih, contiguous, overwritten; h0 (P, D), may be a stride-0 expansion
+    of per-caption states; out (P, T, D) receives h_1..h_T and is returned. gh0 (P, 3D) = W_hh h0 + b_hh if the
+    caller has it (for a per-caption h0 it is a per-caption product: the first step costs no pair matmul).
+    The r, z gates take x + b_hh as the addmm input (one pass instead of matmul, bias copy, add).
+    """
+    D = cell.hidden_size
+    w_rz, w_n = cell.weight_hh[: 2 * D].t(), cell.weight_hh[2 * D :].t()  # (D, 2D), (D, D)
+    b_n = cell.bias_hh[2 * D :]  # (D,)
+    gi[..., : 2 * D] += cell.bias_hh[: 2 * D]  # x_rz + b_hh_rz
+    h = h0.to(gi.dtype)  # one dtype through the loop (bf16 / fp16 under autocast)
+    gh0 = None if gh0 is None else gh0.to(gi.dtype)
+    for t in range(gi.shape[1]):
+        x = gi[:, t]  # (P, 3D)
+        if t == 0 and gh0 is not None:
+            rz = (x[:, : 2 * D] + (gh0[:, : 2 * D] - cell.bias_hh[: 2 * D]).to(x.dtype)).sigmoid_()  # (P, 2D)
+            hn = gh0[:, 2 * D :]  # (P, D)
+        else:
+            rz = torch.addmm(x[:, : 2 * D], h, w_rz).sigmoid_()  # x_rz + (P, D) @ (D, 2D) -> (P, 2D) r, z
+            hn = torch.addmm(b_n, h, w_n)  # (P, D) @ (D, D) -> (P, D)
+        n = torch.addcmul(x[:, 2 * D :], rz[:, :D], hn).tanh_()  # (P, D)
+        torch.lerp(n, h, rz[:, D:], out=out[:, t])  # h_t = (1 - z) n + z h_(t-1)
+        h = out[:, t]  # (P, D) view with row stride T*D: the next addmm reads it in place
+    return out
 
 
 def gru_input(cell: nn.GRUCell, x: torch.Tensor) -> torch.Tensor:
@@ -176,6 +207,26 @@ class GraphReasoning(nn.Module):
             nodes = torch.relu(step["graph"](edge @ nodes))  # (B, n, n) @ (B, n, S) -> (B, n, S)
         return nodes[:, 0] if read_global else masked_mean(nodes, mask)
 
+    def forward_dense(self, nodes, read_global: bool):
+        """`forward` for nodes (P, n, S) that are all real, with two exact shortcuts (inference):
+        edges (W_q N + b_q)(W_k N)^T = (N M + c) N^T with M = W_q^T W_k (S, S) and c = W_k^T b_q, one
+        projection instead of two; and when only the global node is read, the last step updates node 0 only.
+        """
+        P, n, S = nodes.shape
+        last = len(self.steps) - 1
+        for k, step in enumerate(self.steps):
+            wq, bq, wk = step["query"].weight, step["query"].bias, step["key"].weight  # (S, S), (S,), (S, S)
+            M, c = wq.t() @ wk, wk.t() @ bq  # (S, S), (S,)
+            if read_global and k == last:
+                q0 = torch.addmm(c, nodes[:, 0], M)  # (P, S)
+                edge = torch.softmax(torch.bmm(nodes, q0.unsqueeze(-1)).squeeze(-1), -1)  # (P,n,S)@(P,S,1) -> (P, n)
+                agg = torch.bmm(edge.unsqueeze(1), nodes).squeeze(1)  # (P,1,n)@(P,n,S) -> (P, S)
+                return torch.relu(step["graph"](agg))  # (P, S)
+            q = torch.addmm(c, nodes.reshape(P * n, S), M).view(P, n, S)  # (P, n, S)
+            edge = torch.softmax(torch.bmm(q, nodes.transpose(1, 2)), -1)  # (P,n,S)@(P,S,n) -> (P, n, n)
+            nodes = torch.relu(step["graph"](torch.bmm(edge, nodes)))  # (P,n,n)@(P,n,S) -> (P, n, S)
+        return nodes[:, 0] if read_global else nodes.mean(1)
+
 
 class AttentionFiltration(nn.Module):
     """SAF: w_n = sigmoid(a . N_n + b), l1-normalised over real nodes; returns l2(sum_n w_n N_n) (B, S).
@@ -192,6 +243,12 @@ class AttentionFiltration(nn.Module):
         w = torch.sigmoid(self.attn(nodes).squeeze(-1)) * mask  # (B, n)
         w = w / (w.sum(-1, keepdim=True) + EPS)
         return l2norm((w.unsqueeze(-1) * nodes).sum(1))  # (B, S)
+
+    def forward_dense(self, nodes, read_global: bool = True):
+        """`forward` for nodes (P, n, S) that are all real."""
+        w = torch.sigmoid(self.attn(nodes))  # (P, n, 1)
+        w = w / (w.sum(1, keepdim=True) + EPS)
+        return l2norm(torch.bmm(w.transpose(1, 2), nodes).squeeze(1))  # (P,1,n)@(P,n,S) -> (P, S)
 
 
 def init_linears(module: nn.Module) -> None:

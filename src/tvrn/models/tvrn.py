@@ -20,12 +20,15 @@ import torch.nn.functional as F
 
 from .base import EncodedImages, EncodedTexts, RetrievalModel
 from .config import ModelConfig
-from .layers import (EPS, Attention, AttentionFiltration, GraphReasoning, RegionEncoder, SelfAttentionPool,
-                     attention_weights, gru_input, gru_scan, init_linears, l2norm, pair_mask, spatial_mask)
+from .layers import (EPS, NEG, Attention, AttentionFiltration, GraphReasoning, RegionEncoder, SelfAttentionPool,
+                     attention_weights, gru_input, gru_scan, gru_scan_dense, init_linears, l2norm, pair_mask,
+                     spatial_mask)
 from .text import build_text_encoder
 
 
 class TVRN(RetrievalModel):
+    score_groups_by_length = True  # inference scores each caption length separately (see score)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = c = config
@@ -135,7 +138,22 @@ class TVRN(RetrievalModel):
         return T_ref, tmask, t_glo
 
     def score(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
-        """(Ni, Nt) scores in (0, 1), rows images, columns captions."""
+        """(Ni, Nt) scores in (0, 1), rows images, columns captions.
+
+        Inference (eval mode, no grad) takes the fast path when every caption's mask is a prefix; otherwise
+        (training, odd masks) the plain path. Both compute the same function (tests/test_models.py)."""
+        if self.training or torch.is_grad_enabled():
+            return self._score_plain(images, texts)
+        groups = texts.length_groups()
+        if groups is None:
+            return self._score_plain(images, texts)
+        out = texts.words.new_empty(len(images), len(texts))  # (Ni, Nt)
+        for idx, n in groups:  # captions of one length: no padded word anywhere below
+            out[:, idx] = self._score_dense(images, texts[idx].trim(n))
+        return out
+
+    def _score_plain(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
+        """The masked, autograd-friendly computation, written like the equations (DESIGN 3)."""
         c = self.config
         Ni, Nt = len(images), len(texts)
         U, umask, g = images.units, images.units_mask, images.glob  # (Ni, R', D), (Ni, R'), (Ni, D)
@@ -159,6 +177,101 @@ class TVRN(RetrievalModel):
             nmask = torch.cat([nmask.new_ones(Ni, Nt, 1), nmask], 2)  # (Ni, Nt, 1 + L')
         vec = self.reason(nodes.flatten(0, 1), nmask.flatten(0, 1), read_global=c.global_node)  # (Ni*Nt, S)
         return torch.sigmoid(self.sim_eval(vec)).view(Ni, Nt)  # (Ni*Nt, 1) -> (Ni, Nt)
+
+    # ---------------------------------------------------------------- per pair, inference
+    def _refine_dense(self, images: EncodedImages, texts: EncodedTexts, rmask):
+        """Module 2 for captions that all have n real words: second half of T_ref (Ni, Nt, n, D).
+
+        Shortcuts (exact): word-to-context scores of all pairs as one matmul; W_ih E from per-image W_ih C and
+        ||sum_r a_r C_r|| from the per-image Gram matrix (E is never formed); the first GRU step's W_hh h_L is
+        per caption; no mask inside the GRU loop."""
+        Ni, (Nt, n, D), R = len(images), texts.words.shape, images.ctx_keys.shape[1]
+        q, k = texts.ctx_queries.reshape(Nt * n, D), images.ctx_keys.reshape(Ni * R, D)
+        s = F.leaky_relu((q @ k.t()).view(Nt, n, Ni, R), 0.1)  # (Nt*n, D) @ (D, Ni*R) -> (Nt, n, Ni, R)
+        if rmask is not None:
+            s = s.masked_fill(~rmask[None, None], 0.0)
+        s = s * (self.config.lambda_softmax / (s.norm(dim=1, keepdim=True) + EPS))  # l2 across the n words
+        if rmask is not None:
+            s = s.masked_fill(~rmask[None, None], NEG)
+        a = torch.softmax(s, -1).permute(2, 0, 1, 3).reshape(Ni, Nt * n, R)  # (Ni, Nt*n, R)
+        sq = (torch.bmm(a, images.ctx_gram) * a).sum(-1)  # (Ni,Nt*n,R)@(Ni,R,R) -> (Ni, Nt*n) ||sum_r a_r C_r||^2
+        gi = torch.bmm(a, images.ctx_gates)  # (Ni,Nt*n,R)@(Ni,R,3D) -> (Ni, Nt*n, 3D)
+        gi.div_(sq.clamp_min(0).sqrt_().add_(EPS).unsqueeze(-1)).add_(self.refine_gru.bias_ih)
+        gi = gi.view(Ni * Nt, n, 3 * D)  # (P, n, 3D)
+        gh0 = F.linear(texts.hidden, self.refine_gru.weight_hh, self.refine_gru.bias_hh)  # (Nt, 3D) per caption
+        z = gru_scan_dense(self.refine_gru, gi, texts.hidden[None].expand(Ni, Nt, D).reshape(Ni * Nt, D),
+                           gi.new_empty(Ni * Nt, n, D), gh0[None].expand(Ni, Nt, 3 * D).reshape(Ni * Nt, 3 * D))
+        z = z.view(Ni, Nt, n, D).add_(texts.words[None])  # (Ni, Nt, n, D)
+        return z.div_(z.norm(dim=-1, keepdim=True).add_(EPS))  # l2(z + T)
+
+    def _text_global_dense(self, texts: EncodedTexts, second: torch.Tensor) -> torch.Tensor:
+        """t_glo = TextSA([T_ref first half (per caption); second (Ni, Nt, n, D)]) -> (Ni, Nt, D), without
+        expanding the per-caption half over images (its products with per-pair vectors are bmm over captions)."""
+        pool, first, first_local = self.text_pool, texts.refined, texts.refined_local  # (Nt, n, D) x2
+        Ni, Nt, n, D = second.shape
+        mean = (first.sum(1)[None] + second.sum(2)) / (2 * n)  # (Ni, Nt, D)
+        e_g = pool.drop(torch.tanh(pool.glob_norm(pool.glob(mean))))  # (Ni, Nt, D)
+        u = e_g * pool.common.weight[0]  # (Ni, Nt, D): w_t = <e_t, u>
+        w1 = torch.bmm(first_local, u.permute(1, 2, 0)).permute(2, 0, 1)  # (Nt,n,D)@(Nt,D,Ni) -> (Ni, Nt, n)
+        w2 = torch.bmm(pool.embed_local(second).view(Ni * Nt, n, D), u.view(Ni * Nt, D, 1))  # (P, n, 1)
+        w = torch.softmax(torch.cat([w1, w2.view(Ni, Nt, n)], -1), -1)  # (Ni, Nt, 2n)
+        t = torch.bmm(w[..., :n].transpose(0, 1), first).transpose(0, 1)  # (Nt,Ni,n)@(Nt,n,D) -> (Ni, Nt, D)
+        t = t + torch.bmm(w[..., n:].reshape(Ni * Nt, 1, n), second.view(Ni * Nt, n, D)).view(Ni, Nt, D)
+        return l2norm(t)
+
+    def _score_dense(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
+        """`_score_plain` for captions that all have n real words (Nt, n, D), inference only -> (Ni, Nt)."""
+        c = self.config
+        Ni, (Nt, n, D) = len(images), texts.words.shape
+        U, g = images.units, images.glob  # (Ni, R', D), (Ni, D)
+        Rp = U.shape[1]
+        umask = None if bool(images.units_mask.all()) else images.units_mask  # (Ni, R') or None
+        rmask = None if bool(images.mask.all()) else images.mask  # (Ni, R) or None
+        if c.refine_text:
+            second = self._refine_dense(images, texts, rmask)  # (Ni, Nt, n, D)
+            halves = [texts.refined, second]  # T_ref = [first (Nt, n, D) per caption; second per pair]
+            t_glo = self._text_global_dense(texts, second) if c.global_node else None  # (Ni, Nt, D)
+        else:
+            halves, t_glo = [texts.words], texts.glob[None]  # T_ref = T (Nt, n, D); (1, Nt, D)
+        # module 3: scores of every word of T_ref with every unit, lrelu, l2 across all words of the pair
+        ss = []
+        for x in halves:
+            if x.dim() == 3:  # per caption: all pairs in one matmul
+                sx = (x.reshape(Nt * n, D) @ U.reshape(Ni * Rp, D).t()).view(Nt, n, Ni, Rp).permute(2, 0, 1, 3)
+            else:  # per pair
+                sx = torch.bmm(x.view(Ni, Nt * n, D), U.transpose(1, 2)).view(Ni, Nt, n, Rp)  # (Ni,Nt*n,D)@(Ni,D,R')
+            sx = F.leaky_relu(sx, 0.1)  # (Ni, Nt, n, R')
+            ss.append(sx if umask is None else sx.masked_fill(~umask[:, None, None], 0.0))
+        norm = sum(sx.square().sum(2, keepdim=True) for sx in ss).sqrt_().add_(EPS)  # (Ni, Nt, 1, R')
+        scale = c.lambda_softmax / norm
+        nodes = []
+        if c.global_node:
+            nodes.append(l2norm(self.sim_global((g[:, None] - t_glo) ** 2))[:, :, None])  # (Ni, Nt, 1, S)
+        for x, sx in zip(halves, ss):
+            logits = sx * scale  # (Ni, Nt, n, R')
+            if c.global_gates:
+                logits = logits + images.gate[:, None, None]  # + log gate_r
+            if umask is not None:
+                logits = logits.masked_fill(~umask[:, None, None], NEG)
+            a = torch.softmax(logits, -1).reshape(Ni, Nt * n, Rp)
+            u_hat = torch.bmm(a, U).view(Ni, Nt, n, D)  # (Ni,Nt*n,R')@(Ni,R',D) -> (Ni, Nt, n, D)
+            u_hat = u_hat.div_(u_hat.norm(dim=-1, keepdim=True).add_(EPS))  # U_hat
+            diff = u_hat.sub_(x).square_()  # (U_hat - T_ref)^2, in place
+            nodes.append(l2norm(self.sim_local(diff)))  # (Ni, Nt, n, S)
+        nodes = torch.cat(nodes, 2).view(Ni * Nt, -1, c.sim_dim)  # (P, [1 +] n', S)
+        vec = self.reason.forward_dense(nodes, read_global=c.global_node)  # (P, S)
+        return torch.sigmoid(self.sim_eval(vec)).view(Ni, Nt)
+
+    def pair_bytes(self, images: EncodedImages, texts: EncodedTexts) -> int:
+        """Working bytes per pair of the fast path (its largest live per-pair tensors, x1.5 for temporaries)."""
+        c = self.config
+        L, D, S = texts.words.shape[1], c.embed_size, c.sim_dim
+        Rp = images.units.shape[1]
+        halves = 2 if c.refine_text else 1
+        floats = halves * L * (3 * Rp + 2 * D + 2 * S) + (L + 1) * S * 3 + (L + 1) ** 2 * 2
+        if c.refine_text:  # gi, GRU outputs, one step's temporaries, embed_local of the second half, scores
+            floats += L * 3 * D + L * D + 4 * 3 * D + L * D + 3 * L * images.regions.shape[1]
+        return int(4 * floats * 1.5)
 
     # ---------------------------------------------------------------- shortlist (two-stage search)
     def shortlist_embed_image(self, images: EncodedImages) -> torch.Tensor:

@@ -36,6 +36,9 @@ class VSE(RetrievalModel):
     def score(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
         return images.glob @ texts.glob.T  # (Ni, D) @ (D, Nt) -> (Ni, Nt)
 
+    def pair_bytes(self, images: EncodedImages, texts: EncodedTexts) -> int:
+        return 8  # one float score (+ slack)
+
     def shortlist_embed_image(self, images: EncodedImages) -> torch.Tensor:
         return images.glob
 

@@ -77,6 +77,8 @@ class TrainConfig:
     find_unused_parameters: bool = False  # DDP: needed when some modules are switched off in the forward
     tensorboard: bool = True  # also log to TensorBoard when the tensorboard package is importable
     out_dir: str = "runs/tvrn"  # checkpoints, config.json and metrics.jsonl go here
+    shortlist_loss_weight: float = 0.0  # > 0: add weight * sum-hinge loss on the (B, B) cosines of the model's
+                                       # shortlist embeddings, which two-stage search uses (tvrn.search)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -217,9 +219,14 @@ class Trainer:
         batch = batch.to(self.device)
         amp = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         with amp:
-            scores = self.ddp(batch.images, batch.texts)  # (B, B) through forward, so DDP syncs gradients
+            if cfg.shortlist_loss_weight > 0:  # (B, B) scores and shortlist cosines, one forward through DDP
+                scores, short = self.ddp(batch.images, batch.texts, return_shortlist=True)
+            else:
+                scores, short = self.ddp(batch.images, batch.texts), None  # (B, B) through forward: DDP syncs grads
         loss_fn = self.warmup_loss_fn if self._epoch < cfg.sum_loss_epochs else self.loss_fn
         loss = loss_fn(scores.float(), batch.image_ids)
+        if short is not None:
+            loss = loss + cfg.shortlist_loss_weight * self.warmup_loss_fn(short.float(), batch.image_ids)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
