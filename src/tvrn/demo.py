@@ -91,6 +91,9 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Optio
     for label, pts in curves.items():
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("dev RSUM (max 600)")
     ax.set_title("tvrn demo: synthetic benchmark, dev RSUM per epoch")
