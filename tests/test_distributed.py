@@ -34,6 +34,8 @@ torch.save(model.state_dict(), f"{{out}}/rank{{rank}}.pt")
 with open(f"{{out}}/seen{{rank}}.json", "w") as f:
     json.dump({{"seen": seen, "world": trainer.dist.world_size, "summary": summary}}, f)
 cleanup_distributed()
+sys.stdout.flush()
+os._exit(0)  # as tvrn.cli does under torchrun: skip finalisation, where gloo's threads can abort the process
 """
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = ("synth", "train", "eval", "demo")
@@ -34,10 +35,18 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        rc = 130
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, skip interpreter finalisation: gloo's worker threads can still hold work objects
+        # whose destruction during finalisation aborts the process (SIGABRT, "terminate called without an
+        # active exception") after all the work is done and the process group is destroyed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":

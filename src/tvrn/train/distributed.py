@@ -58,7 +58,14 @@ def init_distributed(backend: Optional[str] = None) -> DistInfo:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group together: a barrier first, so no rank tears down its gloo / NCCL connections
+    while another is still finishing its last collective or checkpoint (a rank leaving early aborted with
+    'terminate called without an active exception')."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()  # free DDP reducers and their pending gloo work while the interpreter is fully alive
+        dist.barrier()
         dist.destroy_process_group()
 
 
