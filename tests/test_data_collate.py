@@ -127,3 +127,20 @@ def test_pair_dataset_and_dataloader(tmp_path, precomp_write):
     assert sorted(seen.tolist()) == list(range(20))
     for b in loader:
         assert torch.equal(b.images.features, torch.from_numpy(ref["features"][b.image_ids.numpy()]))
+
+
+def test_image_batch_cat_pads_regions_and_adjacency():
+    import torch
+    from tvrn.data.batch import ImageBatch
+
+    def batch(b, r):
+        adj = torch.eye(r, dtype=torch.bool).expand(b, r, r).clone()
+        return ImageBatch(torch.ones(b, r, 3), torch.ones(b, r, dtype=torch.bool), torch.ones(b, r, 4), adj,
+                          torch.arange(b))
+
+    out = ImageBatch.cat([batch(2, 3), batch(1, 5)])
+    assert out.features.shape == (3, 5, 3) and out.adjacency.shape == (3, 5, 5)
+    assert out.mask[:2].sum(1).tolist() == [3, 3] and out.mask[2].all()
+    assert not out.adjacency[0, 3:].any() and not out.adjacency[0, :, 3:].any()  # padded regions adjacent to none
+    assert torch.equal(out.adjacency[2], torch.eye(5, dtype=torch.bool))
+    assert out.index.tolist() == [0, 1, 0]

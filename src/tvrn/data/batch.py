@@ -121,11 +121,9 @@ def _cat(cls, batches):
                     shape = list(v.shape)
                     shape[1] = pad
                     v = torch.cat([v, v.new_zeros(shape)], 1)
-                    if f.name == "adjacency":  # (B, R, R): pad the last axis too
-                        pass
+                if f.name == "adjacency":  # (B, R, R): pad the last axis too
+                    v = torch.nn.functional.pad(v, (0, n - v.shape[2]))
                 padded.append(v)
-            if f.name == "adjacency":
-                padded = [torch.nn.functional.pad(v, (0, n - v.shape[2])) for v in padded]
             vals = padded
         out[f.name] = torch.cat(vals, 0)
     return cls(**out)
