@@ -399,3 +399,30 @@ def test_pair_bytes_every_model():
         with torch.no_grad():
             ei, et = model.encode_image(make_images(2)), model.encode_text(make_texts(model, 2))
         assert model.pair_bytes(ei[:1], et[:1]) > 0
+
+
+@pytest.mark.parametrize("lam", [4.0, 9.0, 20.0])
+@pytest.mark.parametrize("masked", ["none", "context", "query", "both"])
+def test_scan_cross_attention_equals_attended_vectors_loop(lam, masked):
+    """The unnormalised-softmax, Gram-matrix kernel against SCAN's attended vectors, one pair at a time."""
+    from tvrn.models.layers import attention_weights
+    from tvrn.models.scan import scan_cross_attention
+
+    g = torch.Generator().manual_seed(int(lam) + len(masked))
+    C, Q = l2norm(torch.randn(3, 6, D, generator=g)), l2norm(torch.randn(4, 5, D, generator=g))
+    cmask = torch.rand(3, 6, generator=g) > 0.3 if masked in ("context", "both") else None
+    qmask = torch.rand(4, 5, generator=g) > 0.3 if masked in ("query", "both") else None
+    if cmask is not None:
+        cmask[:, 0] = True
+        C = C * cmask[..., None]  # padded rows are zero, as encoders return them
+    if qmask is not None:
+        qmask[:, 0] = True
+        Q = Q * qmask[..., None]
+    got = scan_cross_attention(C, cmask, Q, qmask, lam)  # (3, 4, 5)
+    for b1 in range(3):
+        for b2 in range(4):
+            cm = torch.ones(6, dtype=torch.bool) if cmask is None else cmask[b1]
+            qm = torch.ones(5, dtype=torch.bool) if qmask is None else qmask[b2]
+            a = attention_weights(Q[b2] @ C[b1].t(), qm[:, None] & cm[None], lam)  # (Lq, Lc)
+            want = (l2norm(a @ C[b1]) * Q[b2]).sum(-1)  # (Lq,)
+            torch.testing.assert_close(got[b1, b2][qm], want[qm], atol=1e-6, rtol=0)

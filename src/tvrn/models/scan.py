@@ -6,6 +6,7 @@ Per image: V = l2(FC(F)) (Ni, R, D). Per caption: T (Nt, L, D). Per pair: attent
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import EncodedImages, EncodedTexts, RetrievalModel
 from .config import ModelConfig
@@ -14,7 +15,7 @@ from .text import build_text_encoder
 
 
 class SCAN(RetrievalModel):
-    preferred_block = (32, 64)  # score_all block cap: ~2K pairs keep the (pairs, L, R) tensors in cache
+    preferred_block = (64, 128)  # score_all block cap: ~8K pairs keep the (pairs, L, R) tensors in cache
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -37,37 +38,42 @@ class SCAN(RetrievalModel):
         return self._score_fast(images, texts)
 
     def pair_bytes(self, images: EncodedImages, texts: EncodedTexts) -> int:
-        """Working bytes per pair of the fast path: up to ten live (L, R) float tensors (scores, their copy,
-        attention temporaries, products) — measured peak is about eight."""
-        return 4 * 10 * texts.words.shape[1] * images.regions.shape[1]
+        """Working bytes per pair of the fast path: the raw scores, the weights, their Gram product and the
+        aggregation temporaries, about six live (L, R) float tensors."""
+        return 4 * 6 * texts.words.shape[1] * images.regions.shape[1]
 
     def _score_fast(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
-        """`_score_plain` without forming attended vectors (exact): with a = attention weights and s the raw
-        query-context scores, <l2(sum_j a_j C_j), Q> = (sum_j a_j s_j) / ||sum_j a_j C_j|| and
-        ||sum_j a_j C_j||^2 = a^T (C C^T) a from the per-item Gram matrix. Scores of all pairs: one matmul."""
+        """`_score_plain` for inference, exact up to float rounding, one length group of captions at a time.
+
+        Captions are scored per length (no padded words); `scan_cross_attention` does the pair work."""
+        groups = texts.length_groups()
+        if groups is None:  # padding inside a caption, or an empty caption: one masked call
+            return self._score_group(images, texts, texts.mask)
+        out = images.regions.new_empty((len(images), len(texts)))  # (Ni, Nt)
+        for idx, n in groups:
+            group = texts[idx].trim(n)
+            out[:, idx] = self._score_group(images, group, None)
+        return out
+
+    def _score_group(self, images: EncodedImages, texts: EncodedTexts, tmask) -> torch.Tensor:
         c = self.config
-        n = int(texts.mask.sum(1).max()) if len(texts) else 0
-        texts = texts.trim(max(n, 1))  # drop padding every caption of the block has
-        V, vmask, T, tmask = images.regions, images.mask, texts.words, texts.mask  # (Ni,R,D), (Ni,R), (Nt,L,D), (Nt,L)
-        Ni, R, D = V.shape
-        Nt, L = tmask.shape
-        raw = (T.reshape(Nt * L, D) @ V.reshape(Ni * R, D).t()).view(Nt, L, Ni, R)  # one matmul: <T_l, V_r>
-        if c.direction == "t2i":  # queries words, context regions; layout (Ni, Nt, L, R), Gram per image
-            raw = raw.permute(2, 0, 1, 3).contiguous()  # (Ni, Nt, L, R)
-            m = tmask[None, :, :, None] & vmask[:, None, None, :]  # (Ni, Nt, L, R)
-            gram, qmask = V @ V.transpose(1, 2), tmask[None].expand(Ni, Nt, L)  # (Ni, R, R), (Ni, Nt, L)
-        else:  # queries regions, context words; layout (Nt, Ni, R, L), Gram per caption
-            raw = raw.permute(0, 2, 3, 1).contiguous()  # (Nt, Ni, R, L)
-            m = vmask[None, :, :, None] & tmask[:, None, None, :]  # (Nt, Ni, R, L)
-            gram, qmask = T @ T.transpose(1, 2), vmask[None].expand(Nt, Ni, R)  # (Nt, L, L), (Nt, Ni, R)
-        a = attention_weights(raw, m, c.lambda_softmax)  # (B1, B2, Lq, Lc)
-        B1, B2, Lq, Lc = a.shape
-        num = (a * raw).sum(-1)  # (B1, B2, Lq) <attended, query> before normalisation
-        flat = a.view(B1, B2 * Lq, Lc)
-        quad = (torch.bmm(flat, gram) * flat).sum(-1).view(B1, B2, Lq)  # (B1,B2*Lq,Lc)@(B1,Lc,Lc) -> ||attended||^2
-        cos = num / (quad.clamp_min(0).sqrt() + EPS)  # (B1, B2, Lq)
+        vmask = None if bool(images.mask.all()) else images.mask  # (Ni, R) or None: every region real
+        V, T = images.regions, texts.words  # (Ni, R, D), (Nt, L, D)
+        if c.direction == "t2i":  # context regions (owned by images), queries words
+            cos = scan_cross_attention(V, vmask, T, tmask, c.lambda_softmax)  # (Ni, Nt, L)
+            qmask = tmask
+        else:  # context words (owned by captions), queries regions
+            cos = scan_cross_attention(T, tmask, V, vmask, c.lambda_softmax)  # (Nt, Ni, R)
+            qmask = vmask
+        if qmask is not None:
+            qmask = qmask[None].expand_as(cos)  # (B1, B2, Lq)
         if c.agg == "lse":
-            agg = torch.logsumexp((c.lambda_lse * cos).masked_fill(~qmask, NEG), -1) / c.lambda_lse  # (B1, B2)
+            z = c.lambda_lse * cos
+            if qmask is not None:
+                z = z.masked_fill(~qmask, NEG)
+            agg = torch.logsumexp(z, -1) / c.lambda_lse  # (B1, B2)
+        elif qmask is None:
+            agg = cos.mean(-1)
         else:
             agg = (cos * qmask).sum(-1) / qmask.sum(-1).clamp_min(1)  # (B1, B2)
         return agg if c.direction == "t2i" else agg.t()  # (Ni, Nt)
@@ -90,3 +96,41 @@ class SCAN(RetrievalModel):
             lse = torch.logsumexp((c.lambda_lse * cos).masked_fill(~qmask, NEG), -1)  # (Ni, Nt)
             return lse / c.lambda_lse
         return (cos * qmask).sum(-1) / qmask.sum(-1).clamp_min(1)  # (Ni, Nt)
+
+
+def scan_cross_attention(C: torch.Tensor, cmask, Q: torch.Tensor, qmask, lam: float) -> torch.Tensor:
+    """Cosines between every query token and its attended context, for all pairs of a block.
+
+    C (B1, Lc, D) context tokens (unit, padded rows zero) of B1 items, cmask (B1, Lc) bool or None (all real);
+    Q (B2, Lq, D) query tokens of B2 items, qmask (B2, Lq) or None. Returns (B1, B2, Lq): for the pair (b1, b2)
+    and query q, <l2(sum_j a_j C_j), Q_q> with SCAN's weights a (`attention_weights`); rows of padded queries are
+    finite garbage.
+
+    Exact shortcuts, no attended vectors formed: the raw scores s = <C_j, Q_q> of all pairs are one matrix
+    product laid out (B1, Lc, B2, Lq), so the l2 norm across queries is over the last (contiguous) axis and the
+    softmax over context is a reduction over axis 1. <l2(sum_j a_j C_j), Q> = (sum_j a_j s_j) / ||sum_j a_j C_j||,
+    ||sum_j a_j C_j||^2 = a^T G a with G = C C^T per context item (one batched product for all pairs). The ratio
+    is invariant to the scale of a, so the softmax is not normalised: a_j = exp(lam * s'_j - shift), where s'
+    (l2-normalised across queries) lies in [-1, 1] and needs no max subtraction (shift keeps exp below e^10,
+    within float16). Only l2norm's EPS sees the scale, so it is multiplied by sum_j a_j.
+    """
+    B1, Lc, D = C.shape
+    B2, Lq, _ = Q.shape
+    raw = (C.reshape(B1 * Lc, D) @ Q.reshape(B2 * Lq, D).t()).view(B1, Lc, B2, Lq)  # <C_j, Q_q>
+    if cmask is not None or qmask is not None:  # padded tokens score 0: excluded from the norm across queries
+        m = torch.ones(B1, Lc, 1, 1, dtype=torch.bool, device=C.device) if cmask is None else cmask[:, :, None, None]
+        raw.masked_fill_(~(m & (True if qmask is None else qmask[None, None])), 0.0)
+    w = F.leaky_relu(raw, 0.1)  # (B1, Lc, B2, Lq)
+    norm = torch.linalg.vector_norm(w, dim=-1, keepdim=True)  # (B1, Lc, B2, 1) across the queries of a pair
+    w.mul_(lam / (norm + EPS))
+    shift = max(0.0, lam - 10.0)
+    if shift:
+        w.sub_(shift)
+    w.exp_()  # unnormalised softmax weights over the context axis (1)
+    if cmask is not None:
+        w.mul_(cmask[:, :, None, None])  # padded context tokens get no weight
+    total = w.sum(1)  # (B1, B2, Lq) the softmax's normaliser: l2norm's EPS applies to the normalised weights
+    gram = C @ C.transpose(1, 2)  # (B1, Lc, Lc)
+    quad = torch.bmm(gram, w.view(B1, Lc, B2 * Lq)).view_as(w).mul_(w).sum(1)  # (B1, B2, Lq) a^T G a
+    num = raw.mul_(w).sum(1)  # (B1, B2, Lq) sum_j a_j s_j
+    return num / (quad.clamp_min(0).sqrt() + EPS * total)  # (B1, B2, Lq)
