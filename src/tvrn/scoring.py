@@ -168,7 +168,8 @@ def plan_blocks(
     Without a budget, or when the model has no `pair_bytes`, the given sizes (clipped to the gallery).
     With both, Bt = min(block_texts, Nt, pairs) and Bi = pairs // Bt, where pairs = budget / pair_bytes.
     A model's `preferred_block = (Bi, Bt)` caps the given sizes (SCAN: small blocks keep its elementwise work
-    in cache). A model with `score_groups_by_length = True` (TVRN / SGRAF: it scores each caption length separately)
+    in cache), and its `preferred_budget_mb` caps the budget (SGRAF: blocks beyond 128 MB are slower).
+    A model with `score_groups_by_length = True` (TVRN / SGRAF: it scores each caption length separately)
     also caps Bt at the mean number of captions per distinct length, so that with length-sorted captions a
     block holds one or two lengths and each group keeps about `pairs` pairs (large matmuls).
     """
@@ -177,6 +178,9 @@ def plan_blocks(
     pair_bytes = getattr(model, "pair_bytes", None)
     if memory_budget_mb is None or pair_bytes is None or ni == 0 or nt == 0:
         return bi, bt
+    pref_mb = getattr(model, "preferred_budget_mb", None)  # block memory beyond which the model gains nothing
+    if pref_mb is not None:
+        memory_budget_mb = min(memory_budget_mb, pref_mb)
     pref = getattr(model, "preferred_block", None)  # (Bi, Bt) at which the model runs fastest (cache sizes)
     max_bi = ni if pref is None else min(block_images, pref[0])
     if pref is not None:

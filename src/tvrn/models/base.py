@@ -59,6 +59,7 @@ class EncodedImages(_Encoded):
     mask:      (Ni, R) bool real regions
     units:     (Ni, R', D) unified IRs U (R' = 2R with module 1, else U = V), or None
     units_mask:(Ni, R') bool
+    units_gram:(Ni, R', R') U U^T, for ||sum_r a_r U_r|| without forming the attended vector (fast path), or None
     glob:      (Ni, D) global IR g (TVRN / SGRAF) or pooled vector (VSE)
     gate:      (Ni, R') module-3 log-gates lambda * <U_r, g>, or None
     ctx_keys:  (Ni, R, D) Wk C, keys of module 2's attention, or None
@@ -70,6 +71,7 @@ class EncodedImages(_Encoded):
     mask: torch.Tensor
     units: Optional[torch.Tensor] = None
     units_mask: Optional[torch.Tensor] = None
+    units_gram: Optional[torch.Tensor] = None
     glob: Optional[torch.Tensor] = None
     gate: Optional[torch.Tensor] = None
     ctx_keys: Optional[torch.Tensor] = None

@@ -29,6 +29,14 @@ from .text import build_text_encoder
 class TVRN(RetrievalModel):
     score_groups_by_length = True  # inference scores each caption length separately (see score)
 
+    @property
+    def preferred_budget_mb(self):
+        """Block memory above which score_all gains nothing (None: the larger the better). SGRAF-style models
+        (no module 2) run ~10% faster with 128 MB blocks than 512 MB ones on CPU (benchmarks/bench_scoring.py):
+        their largest temporaries stay below glibc's 32 MB mmap ceiling, so freed memory is reused instead of
+        faulted in again for every block. TVRN's per-pair GRU wants as many pairs per block as allowed."""
+        return None if self.config.refine_text else 128.0
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = c = config
@@ -88,7 +96,8 @@ class TVRN(RetrievalModel):
         C = self._context(V, mask, images.adjacency) if c.needs_context else None
         U, umask = self._unify(V, C, mask) if c.unify else (V, mask)  # (Ni, R', D)
         g = self.image_pool(U, umask)  # (Ni, D)
-        enc = EncodedImages(regions=V, mask=mask, units=U, units_mask=umask, glob=g)
+        enc = EncodedImages(regions=V, mask=mask, units=U, units_mask=umask, glob=g,
+                            units_gram=U @ U.transpose(1, 2))  # (Ni, R', D) @ (Ni, D, R') -> (Ni, R', R')
         if c.global_gates:
             enc.gate = c.lambda_softmax * torch.einsum("nrd,nd->nr", U, g)  # (Ni, R')
         if c.refine_text:
@@ -254,9 +263,12 @@ class TVRN(RetrievalModel):
             if umask is not None:
                 logits = logits.masked_fill(~umask[:, None, None], NEG)
             a = torch.softmax(logits, -1).reshape(Ni, Nt * n, Rp)
-            u_hat = torch.bmm(a, U).view(Ni, Nt, n, D)  # (Ni,Nt*n,R')@(Ni,R',D) -> (Ni, Nt, n, D)
-            u_hat = u_hat.div_(u_hat.norm(dim=-1, keepdim=True).add_(EPS))  # U_hat
-            diff = u_hat.sub_(x).square_()  # (U_hat - T_ref)^2, in place
+            # U_hat = l2(a @ U) with the norm from the per-image Gram matrix (a^T G a): a (Ni, Nt*n, R') is scaled,
+            # not the (Ni, Nt*n, D) product, which is only written once and then updated in place
+            sq = (torch.bmm(a, images.units_gram) * a).sum(-1, keepdim=True)  # (Ni,Nt*n,R')@(Ni,R',R') -> (Ni,Nt*n,1)
+            a = a / sq.clamp_min(0).sqrt_().add_(EPS)
+            xs = x.reshape(1, Nt * n, D) if x.dim() == 3 else x.view(Ni, Nt * n, D)  # per caption / per pair
+            diff = torch.bmm(a, U).sub_(xs).square_().view(Ni, Nt, n, D)  # (U_hat - T_ref)^2
             nodes.append(l2norm(self.sim_local(diff)))  # (Ni, Nt, n, S)
         nodes = torch.cat(nodes, 2).view(Ni * Nt, -1, c.sim_dim)  # (P, [1 +] n', S)
         vec = self.reason.forward_dense(nodes, read_global=c.global_node)  # (P, S)
