@@ -1,6 +1,6 @@
 """Two-stage search on the synthetic benchmark: shortlist recall vs exact, and the fraction of pairs scored.
 
-Trains a small TVRN (the `tvrn_synth` preset) with the auxiliary shortlist loss (train.shortlist_loss_weight),
+Trains a small TVRN (the `tvrn_synth` preset, or --preset) with the auxiliary shortlist loss (train.shortlist_loss_weight),
 then on the test split (200 images x 1000 captions) reports, for each (k_images per caption, k_texts per image),
 the two-stage metrics (shortlist by the shortlist cosines, re-rank with the full score; a ground truth outside
 the shortlist is a miss) next to exact all-pairs metrics.
@@ -27,6 +27,7 @@ from tvrn.search import evaluate_two_stage
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/synth")
+    ap.add_argument("--preset", default="tvrn_synth", help="config preset to train")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--weight", type=float, default=1.0, help="train.shortlist_loss_weight")
     ap.add_argument("--run", default="runs/bench_twostage")
@@ -36,7 +37,7 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "twostage.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = resolve_config("tvrn_synth", [f"data.root={a.data}", f"train.epochs={a.epochs}",
+    cfg = resolve_config(a.preset, [f"data.root={a.data}", f"train.epochs={a.epochs}",
                                         f"train.shortlist_loss_weight={a.weight}", *a.override])
     t0 = time.time()
     summary = train_from_config(cfg, a.run)
