@@ -57,6 +57,27 @@ def test_eval_checkpoint_and_ensemble(trained, paper_shaped, tmp_path, capsys):
     assert "RSUM" in capsys.readouterr().out
 
 
+def test_eval_two_stage_reports_against_exact(trained, paper_shaped, tmp_path, capsys):
+    """Shortlists as large as the gallery re-rank everything: two-stage equals exact; smaller ones score fewer
+    pairs (the ranking itself is checked against loops in test_twostage.py)."""
+    out = tmp_path / "m.json"
+    assert main(["eval", str(trained / "best.pt"), "--data", str(paper_shaped), "--out", str(out),
+                 "--two-stage", "2:10", "1:3", "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    full, small = res["two_stage"]
+    assert (full["k_images"], full["k_texts"], full["fraction"], full["pairs_scored"]) == (2, 10, 1.0, 20)
+    assert full["rsum"] == pytest.approx(res["rsum"]) and full["exact/rsum"] == pytest.approx(res["rsum"])
+    assert small["pairs_scored"] < 20 and small["fraction"] == small["pairs_scored"] / 20
+    assert "two-stage" in capsys.readouterr().out
+    npy = tmp_path / "s.npy"
+    np.save(npy, np.zeros((2, 10), dtype=np.float32))
+    assert main(["eval", str(npy), "--data", str(paper_shaped), "--two-stage", "1:3", "--no-progress"]) == 2
+    assert "one checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", str(npy), "--data", str(paper_shaped), "--two-stage", "5x25"])
+    assert "K_IMAGES:K_TEXTS" in capsys.readouterr().err
+
+
 def test_eval_rejects_score_matrix_of_wrong_shape(paper_shaped, tmp_path, capsys):
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((3, 7), dtype=np.float32))

@@ -81,14 +81,22 @@ def build_model(cfg: dict, feature_size: int, vocab: Optional[Vocabulary]) -> nn
 
 
 @torch.no_grad()
-def score_split(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, device=None,
-                progress: bool = False) -> torch.Tensor:
-    """All-pairs scores of a split -> (N_img, N_caps) float32 on the CPU, through the one scorer."""
+def encode_split(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, device=None, progress: bool = False):
+    """Per-image and per-caption work of a split -> (EncodedImages (N_img), EncodedTexts (N_caps))."""
     bs = int(data.get("eval_batch_size", 128))
     thr = float(data.get("adjacency_threshold", 0.2))
     enc_i = encode_images(model, iter_image_batches(split, bs, adjacency_threshold=thr), device=device,
                           progress=progress)
     enc_t = encode_texts(model, iter_text_batches(split, tokenizer, bs), device=device, progress=progress)
+    return enc_i, enc_t
+
+
+@torch.no_grad()
+def score_split(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, device=None,
+                progress: bool = False, encoded=None) -> torch.Tensor:
+    """All-pairs scores of a split -> (N_img, N_caps) float32 on the CPU, through the one scorer.
+    encoded: (enc_i, enc_t) from `encode_split` if already computed."""
+    enc_i, enc_t = encoded or encode_split(model, split, tokenizer, data, device=device, progress=progress)
     return score_all(model, enc_i, enc_t, block_images=int(data.get("block_images", 128)),
                      block_texts=int(data.get("block_texts", 512)), device=device, progress=progress)
 
@@ -147,16 +155,22 @@ def load_trained(path: str | os.PathLike, map_location="cpu"):
 def evaluate_checkpoints(
     paths: Sequence[str | os.PathLike], data_root: str | os.PathLike, split: str = "test", protocol: str = "all",
     adjacency_threshold: float = 0.2, eval_batch_size: int = 128, save_scores_to: Optional[str] = None,
-    device=None, progress: bool = False,
+    device=None, progress: bool = False, two_stage: Sequence[tuple[int, int]] = (),
 ) -> dict[str, Any]:
     """Evaluate checkpoints (.pt) and/or saved score matrices (.npy); several are an ensemble (scores averaged).
 
-    Returns the metrics of the protocol plus "members" (the inputs) and "split".
+    Returns the metrics of the protocol plus "members" (the inputs) and "split". two_stage: (k_images, k_texts)
+    pairs; for one checkpoint, result["two_stage"] lists, per pair, two-stage metrics over all pairs of the split
+    (shortlist, then the full score; `tvrn.search.evaluate_two_stage`) next to the exact RSUM, and the fraction of
+    pairs scored.
     """
+    if two_stage and (len(paths) != 1 or str(paths[0]).endswith(".npy")):
+        raise ValueError("two-stage evaluation needs exactly one checkpoint (.pt): it re-scores shortlists with the model")
     data_split = load_split(data_root, split)
     data = {"eval_batch_size": eval_batch_size, "adjacency_threshold": adjacency_threshold}
     shape = (data_split.num_images, data_split.num_captions)
-    matrices = []
+    c2i = torch.as_tensor(data_split.caption_to_image)
+    matrices, rows = [], None
     for p in paths:
         if str(p).endswith(".npy"):
             matrices.append(load_scores(p, expected_shape=shape))
@@ -164,12 +178,20 @@ def evaluate_checkpoints(
             model, tokenizer, _ = load_trained(p)
             if device is not None:
                 model.to(device)
-            matrices.append(score_split(model, data_split, tokenizer, data, device=device, progress=progress))
+            encoded = encode_split(model, data_split, tokenizer, data, device=device, progress=progress)
+            matrices.append(score_split(model, data_split, tokenizer, data, device=device, progress=progress,
+                                        encoded=encoded))
+            if two_stage:
+                from .search import evaluate_two_stage
+                rows = [{k: v for k, v in r.items() if k != "exact"}
+                        for r in evaluate_two_stage(model, *encoded, c2i, two_stage, exact_scores=matrices[-1])]
     scores = ensemble(matrices) if len(matrices) > 1 else matrices[0]
     if save_scores_to:
         from .evaluation import save_scores
         save_scores(save_scores_to, scores)
-    result = evaluate_protocol(scores, torch.as_tensor(data_split.caption_to_image), protocol)
+    result = evaluate_protocol(scores, c2i, protocol)
     result["members"] = [str(p) for p in paths]
     result["split"] = split
+    if rows is not None:
+        result["two_stage"] = rows
     return result

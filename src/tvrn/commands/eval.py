@@ -1,7 +1,8 @@
 """`tvrn eval CKPT_OR_NPY [...] --data DIR --split test --protocol f30k_1k|coco_1k|coco_5k|all`.
 
 Several inputs are an ensemble: their score matrices are averaged. A `.npy` input is a saved score matrix
-(N_img, N_caps) of the split; `--save-scores` writes this evaluation's matrix for later ensembles.
+(N_img, N_caps) of the split; `--save-scores` writes this evaluation's matrix for later ensembles. `--two-stage 5:25 10:50` (one checkpoint) adds
+two-stage search metrics and the fraction of pairs scored.
 """
 from __future__ import annotations
 
@@ -27,7 +28,29 @@ def register(subparsers) -> None:
     p.add_argument("--adjacency-threshold", type=float, default=0.2, help="IoU threshold of spatial adjacency")
     p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--two-stage", nargs="+", metavar="KI:KT", type=parse_k, default=(),
+                   help="also report two-stage search (shortlist k_images per caption and k_texts per image, "
+                        "re-ranked with the full score) against exact recall, over all pairs of the split")
     p.set_defaults(func=run)
+
+
+def parse_k(text: str) -> tuple[int, int]:
+    try:
+        ki, kt = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K_IMAGES:K_TEXTS such as 5:25, got {text!r}") from None
+    if ki < 1 or kt < 1:
+        raise argparse.ArgumentTypeError(f"shortlist sizes must be at least 1, got {text!r}")
+    return ki, kt
+
+
+def format_two_stage(rows: list) -> str:
+    lines = ["  two-stage (shortlist, then full score; a ground truth outside the shortlist is a miss):",
+             "    k_images  k_texts  pairs scored  RSUM    exact RSUM"]
+    for r in rows:
+        lines.append(f"    {r['k_images']:8d}  {r['k_texts']:7d}  {100 * r['fraction']:11.2f}%  {r['rsum']:6.1f}  "
+                     f"{r['exact/rsum']:6.1f}")
+    return "\n".join(lines)
 
 
 def format_metrics(result: dict) -> str:
@@ -49,13 +72,15 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_checkpoints(args.inputs, args.data, split=args.split, protocol=args.protocol,
                                       adjacency_threshold=args.adjacency_threshold, eval_batch_size=args.batch_size,
                                       save_scores_to=args.save_scores, device=args.device,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, two_stage=args.two_stage)
     except (TvrnDataError, ValueError, FileNotFoundError) as e:
         print(f"tvrn eval: {e}", file=sys.stderr)
         return 2
     what = "ensemble of " + ", ".join(args.inputs) if len(args.inputs) > 1 else args.inputs[0]
     print(f"tvrn eval: {what} on {args.data} {args.split}, protocol {args.protocol}")
     print(format_metrics(result))
+    if "two_stage" in result:
+        print(format_two_stage(result["two_stage"]))
     if args.out:
         write_json(args.out, result)
         print(f"  metrics written to {args.out}")
