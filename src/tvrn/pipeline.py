@@ -139,17 +139,24 @@ def train_from_config(cfg: dict, out_dir: str | os.PathLike, resume: bool | str 
     return summary
 
 
-def load_trained(path: str | os.PathLike, map_location="cpu"):
-    """A checkpoint written by training -> (model in eval mode, tokenizer, checkpoint config dict)."""
-    ckpt = load_checkpoint(path, map_location)
+def model_from_checkpoint(ckpt: dict, source: str = "<checkpoint>"):
+    """A checkpoint dict (config.model_name, config.model, model state dict, optional vocab) -> (model in eval
+    mode, tokenizer). source names the file in errors."""
     config = ckpt.get("config") or {}
     if not config.get("model_name") or not config.get("model"):
-        raise ValueError(f"checkpoint {path} has no model config (config.model_name / config.model)")
+        raise ValueError(f"checkpoint {source} has no model config (config.model_name / config.model)")
     model = create_model(config["model_name"], **config["model"])
     model.load_state_dict(ckpt["model"])
     model.eval()
-    vocab = Vocabulary.from_json_dict(ckpt["vocab"]) if ckpt.get("vocab") else None
-    return model, build_tokenizer(model.config, vocab), config
+    vocab = Vocabulary.from_json_dict(ckpt["vocab"], source=source) if ckpt.get("vocab") else None
+    return model, build_tokenizer(model.config, vocab)
+
+
+def load_trained(path: str | os.PathLike, map_location="cpu"):
+    """A checkpoint written by training -> (model in eval mode, tokenizer, checkpoint config dict)."""
+    ckpt = load_checkpoint(path, map_location)
+    model, tokenizer = model_from_checkpoint(ckpt, source=str(path))
+    return model, tokenizer, ckpt.get("config") or {}
 
 
 def evaluate_checkpoints(
