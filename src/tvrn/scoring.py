@@ -241,23 +241,27 @@ def score_all(
         bar = tqdm(total=n_blocks, desc="scoring", unit="block", file=sys.stderr)
     try:
         with torch.no_grad(), _eval_mode(model), _autocast(device, autocast_dtype):
-            for i0 in range(0, ni, bi):
-                imgs = enc_images[i0 : i0 + bi].to(device)  # Bi images
-                for t0 in range(0, nt, bt):
-                    cols = order[t0 : t0 + bt] if order is not None else None  # (Bt,) gallery columns
-                    txts = (enc_texts[t0 : t0 + bt] if cols is None else enc_texts[cols]).to(device)  # Bt captions
+            # captions outer: a block of captions is gathered (length order) and moved once, then scored against
+            # every chunk of images (slices of the encodings: views, no copies)
+            for t0 in range(0, nt, bt):
+                cols = order[t0 : t0 + bt] if order is not None else None  # (Bt,) gallery columns
+                txts = (enc_texts[t0 : t0 + bt] if cols is None else enc_texts[cols]).to(device)  # Bt captions
+                out_cols = None if cols is None else cols.to(out.device)
+                for i0 in range(0, ni, bi):
+                    imgs = enc_images[i0 : i0 + bi].to(device)  # Bi images
                     block = model.score(imgs, txts)  # (Bi, Bt)
                     if block.shape != (len(imgs), len(txts)):
                         raise ValueError(
                             f"model.score returned {tuple(block.shape)} for {len(imgs)} images x {len(txts)} captions"
                         )
-                    if cols is None:
+                    if out_cols is None:
                         out[i0 : i0 + bi, t0 : t0 + bt] = block.float().to(out_device)
                     else:
-                        out[i0 : i0 + bi].index_copy_(1, cols.to(out.device), block.float().to(out_device))
-                    del txts, block  # free this block's captions before the next block gathers its own
+                        out[i0 : i0 + bi].index_copy_(1, out_cols, block.float().to(out_device))
+                    del imgs, block
                     if bar is not None:
                         bar.update(1)
+                del txts  # free this block's captions before the next block gathers its own
     finally:
         if bar is not None:
             bar.close()

@@ -250,6 +250,26 @@ class AttentionFiltration(nn.Module):
         w = w / (w.sum(1, keepdim=True) + EPS)
         return l2norm(torch.bmm(w.transpose(1, 2), nodes).squeeze(1))  # (P,1,n)@(P,n,S) -> (P, S)
 
+    def forward_parts(self, glob, locals_raw):
+        """`forward_dense` of the nodes [glob; l2(M) for M in locals_raw] without forming them (inference).
+
+        glob (P, S) unit or None; locals_raw: tensors (P, n_k, S) before their l2 norm. With r = ||M|| + EPS,
+        <a, M / r> = <a, M> / r and sum_j w_j M_j / r_j: each local tensor is read three times (norm, <a, M>,
+        weighted sum) and never rewritten."""
+        a, b = self.attn.weight[0], self.attn.bias  # (S,), (1,)
+        total, vec = 0.0, 0.0
+        for M in locals_raw:
+            P, n, S = M.shape
+            r = torch.linalg.vector_norm(M, dim=-1).add_(EPS)  # (P, n)
+            w = torch.sigmoid((M.reshape(P * n, S) @ a).view(P, n) / r + b)  # (P, n)
+            total = total + w.sum(1)  # (P,)
+            vec = vec + torch.bmm((w / r).unsqueeze(1), M).squeeze(1)  # (P,1,n)@(P,n,S) -> (P, S)
+        if glob is not None:
+            w = torch.sigmoid(glob @ a + b)  # (P,)
+            total = total + w
+            vec = vec + w[:, None] * glob
+        return l2norm(vec / (total + EPS)[:, None])  # (P, S)
+
 
 def init_linears(module: nn.Module) -> None:
     """SGRAF's init: Xavier-uniform weights, zero biases, for every nn.Linear below `module`."""

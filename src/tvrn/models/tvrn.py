@@ -253,9 +253,9 @@ class TVRN(RetrievalModel):
             ss.append(sx if umask is None else sx.masked_fill(~umask[:, None, None], 0.0))
         norm = sum(sx.square().sum(2, keepdim=True) for sx in ss).sqrt_().add_(EPS)  # (Ni, Nt, 1, R')
         scale = c.lambda_softmax / norm
-        nodes = []
+        glob, local = None, []  # global node (Ni, Nt, S); local similarities before their l2 norm
         if c.global_node:
-            nodes.append(l2norm(self.sim_global((g[:, None] - t_glo) ** 2))[:, :, None])  # (Ni, Nt, 1, S)
+            glob = l2norm(self.sim_global((g[:, None] - t_glo) ** 2))  # (Ni, Nt, S)
         for x, sx in zip(halves, ss):
             logits = sx * scale  # (Ni, Nt, n, R')
             if c.global_gates:
@@ -269,9 +269,14 @@ class TVRN(RetrievalModel):
             a = a / sq.clamp_min(0).sqrt_().add_(EPS)
             xs = x.reshape(1, Nt * n, D) if x.dim() == 3 else x.view(Ni, Nt * n, D)  # per caption / per pair
             diff = torch.bmm(a, U).sub_(xs).square_().view(Ni, Nt, n, D)  # (U_hat - T_ref)^2
-            nodes.append(l2norm(self.sim_local(diff)))  # (Ni, Nt, n, S)
-        nodes = torch.cat(nodes, 2).view(Ni * Nt, -1, c.sim_dim)  # (P, [1 +] n', S)
-        vec = self.reason.forward_dense(nodes, read_global=c.global_node)  # (P, S)
+            local.append(self.sim_local(diff).view(Ni * Nt, n, c.sim_dim))  # (P, n, S)
+        if glob is not None:
+            glob = glob.view(Ni * Nt, c.sim_dim)  # (P, S)
+        if isinstance(self.reason, AttentionFiltration):  # SAF folds the local nodes' l2 norm in: no node tensor
+            vec = self.reason.forward_parts(glob, local)  # (P, S)
+        else:
+            nodes = ([] if glob is None else [glob[:, None]]) + [l2norm(x) for x in local]
+            vec = self.reason.forward_dense(torch.cat(nodes, 1), read_global=c.global_node)  # (P, [1 +] n', S)
         return torch.sigmoid(self.sim_eval(vec)).view(Ni, Nt)
 
     def pair_bytes(self, images: EncodedImages, texts: EncodedTexts) -> int:
