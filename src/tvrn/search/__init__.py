@@ -1,8 +1,10 @@
-"""Two-stage search: a pair-independent shortlist (exact top-k by matrix product, or FAISS when installed),
-re-ranked with the model's full score.
+"""Search: two-stage scoring (a pair-independent shortlist, exact top-k by matrix product or FAISS when
+installed, re-ranked with the model's full score), a search index over a split, and an HTTP server.
 
-    from tvrn.search import two_stage_scores, evaluate_two_stage
+    from tvrn.search import SearchIndex, two_stage_scores, evaluate_two_stage
 """
+from .index import Hit, SearchIndex, SearchIndexError
 from .shortlist import evaluate_two_stage, shortlist_embeddings, topk_exact, topk_indices, two_stage_scores
 
-__all__ = ["evaluate_two_stage", "shortlist_embeddings", "topk_exact", "topk_indices", "two_stage_scores"]
+__all__ = ["Hit", "SearchIndex", "SearchIndexError", "evaluate_two_stage", "shortlist_embeddings", "topk_exact",
+           "topk_indices", "two_stage_scores"]

@@ -1,0 +1,131 @@
+"""Search commands: `tvrn index` (encode a split once), `tvrn search` (query it), `tvrn serve` (HTTP + web page).
+
+    tvrn index runs/tvrn/best.pt --data data/synth --split test --out runs/tvrn/test.index
+    tvrn search runs/tvrn/test.index "a black cat on top of a small ball" -k 5
+    tvrn search runs/tvrn/test.index --image 3 -k 5
+    tvrn serve runs/tvrn/test.index --port 8000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "index", help="encode a split with a trained checkpoint into a search index",
+        description="Encode every image and caption of a precomp split with a trained checkpoint; the index file "
+                    "holds the model weights and the encodings, so `tvrn search` / `tvrn serve` need nothing else.")
+    p.add_argument("checkpoint", help="trained checkpoint (.pt)")
+    p.add_argument("--data", required=True, help="precomp data folder")
+    p.add_argument("--split", default="test", help="split to index (default %(default)s)")
+    p.add_argument("--out", required=True, help="index file to write")
+    p.add_argument("--images", help="folder of <image id>.png|.jpg for the web page "
+                                    "(default DATA/images/SPLIT when it exists)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--adjacency-threshold", type=float, default=0.2)
+    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_index)
+
+    p = subparsers.add_parser(
+        "search", help="query a search index: text -> images, or a gallery image -> captions",
+        description="Answer a query from an index built by `tvrn index`: a caption finds images; --image N ranks "
+                    "the index's captions for gallery image N. Two stages: the shortlist vectors pick "
+                    "--shortlist candidates, the full model re-ranks them (--shortlist 0: score everything).")
+    p.add_argument("index", help="index file from `tvrn index`")
+    p.add_argument("query", nargs="?", help="caption to search for")
+    p.add_argument("--image", type=int, help="rank captions for this gallery image instead")
+    p.add_argument("-k", type=int, default=10, help="results to show (default %(default)s)")
+    p.add_argument("--shortlist", type=int, default=None,
+                   help="candidates re-ranked with the full score (default 100 images / 500 captions; 0: all)")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p.set_defaults(func=run_search)
+
+    p = subparsers.add_parser(
+        "serve", help="serve a search index over HTTP, with a web page",
+        description="HTTP JSON API (/api/search, /api/image/N, /api/info) and a web page at / that shows the "
+                    "retrieved images and captions.")
+    p.add_argument("index", help="index file from `tvrn index`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
+    p.add_argument("--quiet", action="store_true", help="no request log")
+    p.set_defaults(func=run_serve)
+
+
+def _load(path: str):
+    from tvrn.search.index import SearchIndex
+
+    return SearchIndex.load(path)
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from tvrn.data import TvrnDataError
+    from tvrn.search.index import SearchIndex
+
+    try:
+        index = SearchIndex.build(args.checkpoint, args.data, args.split, image_dir=args.images,
+                                  batch_size=args.batch_size, adjacency_threshold=args.adjacency_threshold,
+                                  device=args.device, progress=not args.no_progress)
+        index.save(args.out)
+    except (TvrnDataError, ValueError, FileNotFoundError) as e:
+        print(f"tvrn index: {e}", file=sys.stderr)
+        return 2
+    print(f"tvrn index: {args.out}: {index.model_name}, {index.num_images} images, {index.num_captions} captions "
+          f"of {args.data} {args.split}" + (f", image files in {index.image_dir}" if index.image_dir else ""))
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from tvrn.search.index import SearchIndexError
+
+    if (args.query is None) == (args.image is None):
+        print("tvrn search: give either a query text or --image N", file=sys.stderr)
+        return 2
+    try:
+        index = _load(args.index)
+        if args.image is not None:
+            short = 500 if args.shortlist is None else (args.shortlist or None)
+            hits = index.search_image(args.image, k=args.k, shortlist=short)
+        else:
+            short = 100 if args.shortlist is None else (args.shortlist or None)
+            hits = index.search_text(args.query, k=args.k, shortlist=short)
+    except (SearchIndexError, FileNotFoundError) as e:
+        print(f"tvrn search: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], indent=1))
+        return 0
+    for h in hits:
+        if h.text is None:
+            print(f"{h.rank:3d}. image {h.index} ({h.image_id})  score {h.score:.4f}")
+            for cap in index.captions_of(h.index)[:2]:
+                print(f"       {cap}")
+        else:
+            mark = "*" if h.image_index == args.image else " "
+            print(f"{h.rank:3d}.{mark} {h.text}  (image {h.image_index}, score {h.score:.4f})")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from tvrn.search.index import SearchIndexError
+    from tvrn.search.server import serve
+
+    try:
+        index = _load(args.index)
+    except (SearchIndexError, FileNotFoundError) as e:
+        print(f"tvrn serve: {e}", file=sys.stderr)
+        return 2
+
+    def ready(server):
+        host, port = server.server_address[:2]
+        print(f"tvrn serve: {index.model_name} on {index.num_images} images; open http://{host}:{port}/",
+              flush=True)
+
+    try:
+        serve(index, args.host, args.port, quiet=args.quiet, ready=ready)
+    except OSError as e:
+        print(f"tvrn serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    return 0
