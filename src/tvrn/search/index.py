@@ -114,7 +114,7 @@ class SearchIndex:
                 "vocab": ckpt.get("vocab")}
         return cls(model, tokenizer, slim, enc_i.to("cpu"), enc_t.to("cpu"), ids, list(data.captions),
                    torch.as_tensor(data.caption_to_image), data_root=str(data_root), split=split,
-                   image_dir=None if image_dir is None else str(image_dir))
+                   image_dir=None if image_dir is None else str(Path(image_dir).resolve()))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the index (model weights included) atomically: a reader sees the old file or the new one."""
