@@ -261,6 +261,26 @@ def test_module3_gates_matter():
         torch.testing.assert_close(off.score(replace(ei, gate=None), et), model.score(flat, et))
 
 
+def test_gate_lambda_sets_module3_sharpness():
+    """gate_lambda 0: every gate equal, module 3 off; gate_lambda = lambda_softmax: the default."""
+    model = build("tvrn_sgr")
+    images, texts = make_images(), make_texts(model)
+    with torch.no_grad():
+        ref = model(images, texts)
+        for lam, want in [(0.0, "off"), (model.config.lambda_softmax, "default"), (3.0, "other")]:
+            other = build("tvrn_sgr", gate_lambda=lam)
+            other.load_state_dict(model.state_dict())
+            got = other(images, texts)
+            if want == "off":
+                off = build("tvrn_sgr", global_gates=False)
+                off.load_state_dict(model.state_dict())
+                torch.testing.assert_close(got, off(images, texts), atol=1e-6, rtol=0)
+            elif want == "default":
+                assert torch.equal(got, ref)
+            else:
+                assert (got - ref).abs().max() > 1e-5
+
+
 def test_refinement_shortcut_equals_plain_gru_over_expanded_words():
     """Module 2 computed the plain way: E = Attn(T_ctx, C), GRU over [T; E] from scratch per pair."""
     model = build("tvrn_sgr")

@@ -7,6 +7,7 @@ family does not use are kept (and ignored) so that every model's config has the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 _CHOICES = {
     "text_encoder": ("gru", "bert"),
@@ -49,6 +50,7 @@ class ModelConfig:
     unify: bool = True               # module 1: unified IRs U from a GRU over [V; M]; off: U = V
     refine_text: bool = True         # module 2: per-pair expanded + refined TRs; off: T_ref = T
     global_gates: bool = True        # module 3: word-to-region attention re-weighted by gate_r from g
+    gate_lambda: Optional[float] = None  # module 3's lambda in gate_r = softmax_r(lambda <U_r, g>); None: lambda_softmax
 
     def __post_init__(self):
         for key, allowed in _CHOICES.items():

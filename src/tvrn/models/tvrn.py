@@ -99,7 +99,8 @@ class TVRN(RetrievalModel):
         enc = EncodedImages(regions=V, mask=mask, units=U, units_mask=umask, glob=g,
                             units_gram=U @ U.transpose(1, 2))  # (Ni, R', D) @ (Ni, D, R') -> (Ni, R', R')
         if c.global_gates:
-            enc.gate = c.lambda_softmax * torch.einsum("nrd,nd->nr", U, g)  # (Ni, R')
+            lam = c.lambda_softmax if c.gate_lambda is None else c.gate_lambda
+            enc.gate = lam * torch.einsum("nrd,nd->nr", U, g)  # (Ni, R') log gate_r up to a constant
         if c.refine_text:
             enc.ctx_keys = self.expand.k(C)  # (Ni, R, D)
             enc.ctx_gates = F.linear(C, self.refine_gru.weight_ih)  # (Ni, R, 3D), no bias
