@@ -44,4 +44,10 @@ def run(args: argparse.Namespace) -> int:
     if summary["plot"]:
         print(f"\ndev RSUM curves: {summary['plot']}")
     print(f"results: {Path(args.out) / 'results.json'}; total {time.time() - t0:.0f} s")
+    best = Path(args.out) / "tvrn" / "best.pt"
+    if best.exists():
+        index = Path(args.out) / "test.index"
+        exe = sys.argv[0] if Path(sys.argv[0]).name == "tvrn" else "tvrn"  # .venv/bin/tvrn after `make demo`
+        print(f"\nsearch the test split in a browser:\n  {exe} index {best} --data {data} --out {index} && "
+              f"{exe} serve {index}")
     return 0
