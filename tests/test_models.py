@@ -413,6 +413,37 @@ def test_graph_reasoning_dense_shortcuts_equal_plain(read_global):
         torch.testing.assert_close(sgr.forward_dense(nodes, read_global), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("with_glob", [True, False])
+def test_attention_filtration_parts_equal_plain_on_normalised_nodes(with_glob):
+    """SAF over [glob; l2(M1); l2(M2)] with the l2 norms folded in equals the plain SAF on the formed nodes."""
+    from tvrn.models.layers import AttentionFiltration
+
+    torch.manual_seed(1)
+    saf = AttentionFiltration(S)
+    torch.nn.init.normal_(saf.attn.bias)
+    glob = l2norm(torch.randn(6, S)) if with_glob else None
+    parts = [torch.randn(6, 4, S) * 3, torch.randn(6, 5, S)]  # raw similarities, not unit length
+    nodes = torch.cat(([glob[:, None]] if with_glob else []) + [l2norm(m) for m in parts], 1)
+    with torch.no_grad():
+        ref = saf(nodes, torch.ones(nodes.shape[:2], dtype=torch.bool))
+        torch.testing.assert_close(saf.forward_parts(glob, parts), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tvrn_sgr", "sgraf_saf", "scan_t2i"])
+def test_units_gram_is_inference_only_per_image_work(name):
+    """Encodings made without gradients carry U U^T (per-image work the fast path reads); training encodings
+    do not pay for it, and the fast path computes it itself when it is missing, with the same scores."""
+    model = build(name)
+    images, texts = make_images(4), make_texts(model, 5)
+    assert model.encode_image(images).units_gram is None  # grad enabled: a training forward
+    with torch.no_grad():
+        ei, et = model.encode_image(images), model.encode_text(texts)
+        U = ei.units if ei.units is not None else ei.regions
+        torch.testing.assert_close(ei.units_gram, U @ U.transpose(1, 2))
+        torch.testing.assert_close(model.score(replace(ei, units_gram=None), et), model.score(ei, et),
+                                   atol=1e-6, rtol=0)
+
+
 def test_pair_bytes_every_model():
     for name in MODELS:
         model = build(name)

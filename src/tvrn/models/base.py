@@ -59,7 +59,8 @@ class EncodedImages(_Encoded):
     mask:      (Ni, R) bool real regions
     units:     (Ni, R', D) unified IRs U (R' = 2R with module 1, else U = V), or None
     units_mask:(Ni, R') bool
-    units_gram:(Ni, R', R') U U^T, for ||sum_r a_r U_r|| without forming the attended vector (fast path), or None
+    units_gram:(Ni, R', R') U U^T (SCAN: V V^T), for ||sum_r a_r U_r|| without forming the attended vector; set
+               only by encodings made without gradients (inference: the fast path reads it), else None
     glob:      (Ni, D) global IR g (TVRN / SGRAF) or pooled vector (VSE)
     gate:      (Ni, R') module-3 log-gates lambda * <U_r, g>, or None
     ctx_keys:  (Ni, R, D) Wk C, keys of module 2's attention, or None
@@ -77,6 +78,17 @@ class EncodedImages(_Encoded):
     ctx_keys: Optional[torch.Tensor] = None
     ctx_gates: Optional[torch.Tensor] = None
     ctx_gram: Optional[torch.Tensor] = None
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """(N, R, D) -> (N, R, R) x x^T per item."""
+    return x @ x.transpose(1, 2)
+
+
+def inference_gram(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """`gram(x)` for encodings made without gradients (only the inference fast paths read it), else None:
+    training forwards do not pay for it."""
+    return None if torch.is_grad_enabled() else gram(x)
 
 
 @dataclass

@@ -244,14 +244,8 @@ class AttentionFiltration(nn.Module):
         w = w / (w.sum(-1, keepdim=True) + EPS)
         return l2norm((w.unsqueeze(-1) * nodes).sum(1))  # (B, S)
 
-    def forward_dense(self, nodes, read_global: bool = True):
-        """`forward` for nodes (P, n, S) that are all real."""
-        w = torch.sigmoid(self.attn(nodes))  # (P, n, 1)
-        w = w / (w.sum(1, keepdim=True) + EPS)
-        return l2norm(torch.bmm(w.transpose(1, 2), nodes).squeeze(1))  # (P,1,n)@(P,n,S) -> (P, S)
-
     def forward_parts(self, glob, locals_raw):
-        """`forward_dense` of the nodes [glob; l2(M) for M in locals_raw] without forming them (inference).
+        """`forward` of the all-real nodes [glob; l2(M) for M in locals_raw] without forming them (inference).
 
         glob (P, S) unit or None; locals_raw: tensors (P, n_k, S) before their l2 norm. With r = ||M|| + EPS,
         <a, M / r> = <a, M> / r and sum_j w_j M_j / r_j: each local tensor is read three times (norm, <a, M>,

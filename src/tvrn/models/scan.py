@@ -5,10 +5,12 @@ Per image: V = l2(FC(F)) (Ni, R, D). Per caption: T (Nt, L, D). Per pair: attent
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
-from .base import EncodedImages, EncodedTexts, RetrievalModel
+from .base import EncodedImages, EncodedTexts, RetrievalModel, inference_gram
 from .config import ModelConfig
 from .layers import EPS, NEG, RegionEncoder, attention_weights, l2norm
 from .text import build_text_encoder
@@ -25,7 +27,10 @@ class SCAN(RetrievalModel):
 
     def encode_image(self, images) -> EncodedImages:
         mask = images.mask.bool()
-        return EncodedImages(regions=self.img_enc(images.features, mask), mask=mask)
+        V = self.img_enc(images.features, mask)  # (Ni, R, D)
+        # t2i attends regions: their Gram matrix is per-image work of the fast path (i2t attends words)
+        t2i = self.config.direction == "t2i"
+        return EncodedImages(regions=V, mask=mask, units_gram=inference_gram(V) if t2i else None)
 
     def encode_text(self, texts) -> EncodedTexts:
         mask = texts.mask.bool()
@@ -46,37 +51,35 @@ class SCAN(RetrievalModel):
         """`_score_plain` for inference, exact up to float rounding, one length group of captions at a time.
 
         Captions are scored per length (no padded words); `scan_cross_attention` does the pair work."""
+        vmask = None if bool(images.mask.all()) else images.mask  # (Ni, R) or None: every region real
         groups = texts.length_groups()
         if groups is None:  # padding inside a caption, or an empty caption: one masked call
-            return self._score_group(images, texts, texts.mask)
+            return self._score_group(images, vmask, texts, texts.mask)
         out = images.regions.new_empty((len(images), len(texts)))  # (Ni, Nt)
         for idx, n in groups:
-            group = texts[idx].trim(n)
-            out[:, idx] = self._score_group(images, group, None)
+            out[:, idx] = self._score_group(images, vmask, texts[idx].trim(n), None)
         return out
 
-    def _score_group(self, images: EncodedImages, texts: EncodedTexts, tmask) -> torch.Tensor:
+    def _score_group(self, images: EncodedImages, vmask, texts: EncodedTexts, tmask) -> torch.Tensor:
+        """(Ni, Nt) for region mask vmask (Ni, R) and word mask tmask (Nt, L), each None when all real."""
+        V, T, lam = images.regions, texts.words, self.config.lambda_softmax  # (Ni, R, D), (Nt, L, D)
+        if self.config.direction == "t2i":  # context regions (owned by images), queries words
+            cos = scan_cross_attention(V, vmask, T, tmask, lam, gram=images.units_gram)  # (Ni, Nt, L)
+            return self._aggregate(cos, None if tmask is None else tmask[None])  # (Ni, Nt)
+        cos = scan_cross_attention(T, tmask, V, vmask, lam)  # (Nt, Ni, R): context words, queries regions
+        return self._aggregate(cos, None if vmask is None else vmask[None]).t()  # (Ni, Nt)
+
+    def _aggregate(self, cos: torch.Tensor, qmask) -> torch.Tensor:
+        """(..., Lq) cosines, qmask broadcastable to them (True: real query) or None (all real) -> (...):
+        LogSumExp or mean over the real queries."""
         c = self.config
-        vmask = None if bool(images.mask.all()) else images.mask  # (Ni, R) or None: every region real
-        V, T = images.regions, texts.words  # (Ni, R, D), (Nt, L, D)
-        if c.direction == "t2i":  # context regions (owned by images), queries words
-            cos = scan_cross_attention(V, vmask, T, tmask, c.lambda_softmax)  # (Ni, Nt, L)
-            qmask = tmask
-        else:  # context words (owned by captions), queries regions
-            cos = scan_cross_attention(T, tmask, V, vmask, c.lambda_softmax)  # (Nt, Ni, R)
-            qmask = vmask
-        if qmask is not None:
-            qmask = qmask[None].expand_as(cos)  # (B1, B2, Lq)
         if c.agg == "lse":
             z = c.lambda_lse * cos
-            if qmask is not None:
-                z = z.masked_fill(~qmask, NEG)
-            agg = torch.logsumexp(z, -1) / c.lambda_lse  # (B1, B2)
-        elif qmask is None:
-            agg = cos.mean(-1)
-        else:
-            agg = (cos * qmask).sum(-1) / qmask.sum(-1).clamp_min(1)  # (B1, B2)
-        return agg if c.direction == "t2i" else agg.t()  # (Ni, Nt)
+            return torch.logsumexp(z if qmask is None else z.masked_fill(~qmask, NEG), -1) / c.lambda_lse
+        if qmask is None:
+            return cos.mean(-1)
+        qmask = qmask.expand_as(cos)
+        return (cos * qmask).sum(-1) / qmask.sum(-1).clamp_min(1)
 
     def _score_plain(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
         """The plain computation (autograd, training): attended vectors, cosines, aggregation."""
@@ -91,20 +94,17 @@ class SCAN(RetrievalModel):
         a = attention_weights(s, m, c.lambda_softmax)  # (Ni, Nt, Lq, Lc)
         attended = l2norm(a @ ctx)  # (Ni, Nt, Lq, Lc) @ (., ., Lc, D) -> (Ni, Nt, Lq, D)
         cos = (attended * q).sum(-1)  # (Ni, Nt, Lq)
-        qmask = qmask.expand_as(cos)
-        if c.agg == "lse":
-            lse = torch.logsumexp((c.lambda_lse * cos).masked_fill(~qmask, NEG), -1)  # (Ni, Nt)
-            return lse / c.lambda_lse
-        return (cos * qmask).sum(-1) / qmask.sum(-1).clamp_min(1)  # (Ni, Nt)
+        return self._aggregate(cos, qmask)  # (Ni, Nt)
 
 
-def scan_cross_attention(C: torch.Tensor, cmask, Q: torch.Tensor, qmask, lam: float) -> torch.Tensor:
+def scan_cross_attention(C: torch.Tensor, cmask, Q: torch.Tensor, qmask, lam: float,
+                         gram: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cosines between every query token and its attended context, for all pairs of a block.
 
     C (B1, Lc, D) context tokens (unit, padded rows zero) of B1 items, cmask (B1, Lc) bool or None (all real);
     Q (B2, Lq, D) query tokens of B2 items, qmask (B2, Lq) or None. Returns (B1, B2, Lq): for the pair (b1, b2)
     and query q, <l2(sum_j a_j C_j), Q_q> with SCAN's weights a (`attention_weights`); rows of padded queries are
-    finite garbage.
+    finite garbage. gram: (B1, Lc, Lc) C C^T if the caller has it (per-item work), else computed here.
 
     Exact shortcuts, no attended vectors formed: the raw scores s = <C_j, Q_q> of all pairs are one matrix
     product laid out (B1, Lc, B2, Lq), so the l2 norm across queries is over the last (contiguous) axis and the
@@ -130,7 +130,7 @@ def scan_cross_attention(C: torch.Tensor, cmask, Q: torch.Tensor, qmask, lam: fl
     if cmask is not None:
         w.mul_(cmask[:, :, None, None])  # padded context tokens get no weight
     total = w.sum(1)  # (B1, B2, Lq) the softmax's normaliser: l2norm's EPS applies to the normalised weights
-    gram = C @ C.transpose(1, 2)  # (B1, Lc, Lc)
+    gram = C @ C.transpose(1, 2) if gram is None else gram  # (B1, Lc, Lc)
     quad = torch.bmm(gram, w.view(B1, Lc, B2 * Lq)).view_as(w).mul_(w).sum(1)  # (B1, B2, Lq) a^T G a
     num = raw.mul_(w).sum(1)  # (B1, B2, Lq) sum_j a_j s_j
     return num / (quad.clamp_min(0).sqrt() + EPS * total)  # (B1, B2, Lq)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import EncodedImages, EncodedTexts, RetrievalModel
+from .base import EncodedImages, EncodedTexts, RetrievalModel, gram, inference_gram
 from .config import ModelConfig
 from .layers import (EPS, NEG, Attention, AttentionFiltration, GraphReasoning, RegionEncoder, SelfAttentionPool,
                      attention_weights, gru_input, gru_scan, gru_scan_dense, init_linears, l2norm, pair_mask,
@@ -97,14 +97,14 @@ class TVRN(RetrievalModel):
         U, umask = self._unify(V, C, mask) if c.unify else (V, mask)  # (Ni, R', D)
         g = self.image_pool(U, umask)  # (Ni, D)
         enc = EncodedImages(regions=V, mask=mask, units=U, units_mask=umask, glob=g,
-                            units_gram=U @ U.transpose(1, 2))  # (Ni, R', D) @ (Ni, D, R') -> (Ni, R', R')
+                            units_gram=inference_gram(U))  # (Ni, R', R') for the fast path
         if c.global_gates:
             lam = c.lambda_softmax if c.gate_lambda is None else c.gate_lambda
             enc.gate = lam * torch.einsum("nrd,nd->nr", U, g)  # (Ni, R') log gate_r up to a constant
         if c.refine_text:
             enc.ctx_keys = self.expand.k(C)  # (Ni, R, D)
             enc.ctx_gates = F.linear(C, self.refine_gru.weight_ih)  # (Ni, R, 3D), no bias
-            enc.ctx_gram = C @ C.transpose(1, 2)  # (Ni, R, D) @ (Ni, D, R) -> (Ni, R, R)
+            enc.ctx_gram = gram(C)  # (Ni, R, R), read by the plain path too
         return enc
 
     # ---------------------------------------------------------------- per caption
@@ -236,6 +236,7 @@ class TVRN(RetrievalModel):
         U, g = images.units, images.glob  # (Ni, R', D), (Ni, D)
         Rp = U.shape[1]
         umask = None if bool(images.units_mask.all()) else images.units_mask  # (Ni, R') or None
+        G = images.units_gram if images.units_gram is not None else gram(U)  # (Ni, R', R')
         rmask = None if bool(images.mask.all()) else images.mask  # (Ni, R) or None
         if c.refine_text:
             second = self._refine_dense(images, texts, rmask)  # (Ni, Nt, n, D)
@@ -266,7 +267,7 @@ class TVRN(RetrievalModel):
             a = torch.softmax(logits, -1).reshape(Ni, Nt * n, Rp)
             # U_hat = l2(a @ U) with the norm from the per-image Gram matrix (a^T G a): a (Ni, Nt*n, R') is scaled,
             # not the (Ni, Nt*n, D) product, which is only written once and then updated in place
-            sq = (torch.bmm(a, images.units_gram) * a).sum(-1, keepdim=True)  # (Ni,Nt*n,R')@(Ni,R',R') -> (Ni,Nt*n,1)
+            sq = (torch.bmm(a, G) * a).sum(-1, keepdim=True)  # (Ni,Nt*n,R')@(Ni,R',R') -> (Ni,Nt*n,1)
             a = a / sq.clamp_min(0).sqrt_().add_(EPS)
             xs = x.reshape(1, Nt * n, D) if x.dim() == 3 else x.view(Ni, Nt * n, D)  # per caption / per pair
             diff = torch.bmm(a, U).sub_(xs).square_().view(Ni, Nt, n, D)  # (U_hat - T_ref)^2

@@ -30,7 +30,7 @@ import torch
 from ..data import collate_texts, load_split
 from ..scoring import encode_texts, score_all
 from ..train.checkpoint import atomic_save
-from .shortlist import shortlist_embeddings, topk_exact
+from .shortlist import shortlist_embeddings
 
 FORMAT, VERSION = "tvrn-index", 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -176,7 +176,7 @@ class SearchIndex:
         enc = self.encode_queries(queries)
         qv = self.model.shortlist_embed_text(enc).float()  # (Q, D)
         cos = qv @ self.image_vectors.t()  # (Q, N_img)
-        cands = topk_exact(qv, self.image_vectors, m) if m < self.num_images else None  # (Q, m)
+        cands = cos.topk(m, dim=1).indices if m < self.num_images else None  # (Q, m) as topk_exact would
         results = []
         for q in range(len(queries)):
             cand = torch.arange(self.num_images) if cands is None else cands[q]
@@ -192,7 +192,7 @@ class SearchIndex:
         k, m = self._check_k(k, shortlist, self.num_captions)
         iv = self.image_vectors[image : image + 1]  # (1, D)
         cos = (iv @ self.text_vectors.t())[0]  # (N_caps,)
-        cand = topk_exact(iv, self.text_vectors, m)[0] if m < self.num_captions else torch.arange(self.num_captions)
+        cand = cos.topk(m).indices if m < self.num_captions else torch.arange(self.num_captions)  # (m,)
         full = score_all(self.model, self.enc_images[image : image + 1], self.enc_texts[cand])[0]  # (m,)
         hits = []
         for r, (c, s, sc) in enumerate(self._rank(cand, full, cos[cand], k)):
