@@ -139,3 +139,68 @@ def test_autocast_bf16_runs_fast_paths(name):
     et = encode_texts(model, [texts], autocast_dtype=torch.bfloat16)
     got = score_all(model, ei, et, autocast_dtype=torch.bfloat16)
     assert got.dtype == torch.float32 and (got - ref).abs().max() < 0.05
+
+
+def test_caption_blocks_cut_at_length_changes():
+    from tvrn.scoring import _caption_blocks
+
+    lengths = torch.tensor([2, 2, 2, 3, 5, 5, 5, 5, 5, 7])  # visiting order, sorted
+    blocks = _caption_blocks(10, 3, lengths)
+    assert blocks == [(0, 3), (3, 4), (4, 7), (7, 9), (9, 10)]
+    covered = [p for p0, p1 in blocks for p in range(p0, p1)]
+    assert covered == list(range(10))
+    assert all(len(set(lengths[p0:p1].tolist())) == 1 and p1 - p0 <= 3 for p0, p1 in blocks)
+    assert _caption_blocks(10, 4, None) == [(0, 4), (4, 8), (8, 10)]
+
+
+@pytest.mark.parametrize("name", ["sgraf_sgr", "scan_t2i"])
+def test_length_grouping_models_get_trimmed_one_length_blocks(name):
+    """score_all hands a length-grouping model blocks of captions of one length, cut to that length (no padded
+    word), gives each block as many images as the budget allows at its length, and keeps every score."""
+    from test_models import build, make_images, make_texts
+
+    model = build(name)
+    with torch.no_grad():
+        ei = model.encode_image(make_images(7))
+        et = model.encode_text(make_texts(model, 13, lengths=(7, 2, 5, 2, 7, 3)))
+        ref = model._score_plain(ei, et)  # (7, 13) plain masked computation, gallery order
+    calls = []
+
+    def spy(images, texts):  # instance attribute: score_all calls model.score
+        calls.append((len(images), len(texts), texts.words.shape[1], bool(texts.mask.all())))
+        return type(model).score(model, images, texts)
+
+    model.score = spy
+    budget = model.pair_bytes(ei[:1], et[:1]) * 8  # bytes: 8 pairs at the longest caption (7 words)
+    got = score_all(model, ei, et, memory_budget_mb=budget / 2**20)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    lengths = et.mask.sum(1)
+    assert sum(ni * nt for ni, nt, _, _ in calls) == 7 * 13  # every pair scored once
+    for ni, nt, n, all_real in calls:
+        assert all_real and nt <= int((lengths == n).sum())  # one length, cut to it
+        pairs_n = budget // model.pair_bytes(ei[:1], et[lengths == n][:1].trim(n))  # pairs at n words
+        bi = max(1, min(7, pairs_n // nt))
+        assert ni == bi or ni == 7 % bi  # full chunks of bi images, then the rest
+    short = [ni for ni, nt, n, _ in calls if n == 2 and nt == 4]  # 4 two-word captions
+    long = [ni for ni, nt, n, _ in calls if n == 7 and nt == 4]
+    assert max(short) > max(long)  # shorter captions: more images per block
+
+
+def test_captions_with_inner_padding_are_not_cut():
+    """A mask that is not a prefix of True (padding inside a caption): score_all must not cut captions to their
+    word count (that would drop real words); the scores equal the plain masked computation."""
+    from dataclasses import replace
+
+    from test_models import build, make_images, make_texts
+    from tvrn.scoring import _prefix_lengths
+
+    model = build("sgraf_sgr")
+    with torch.no_grad():
+        ei = model.encode_image(make_images(3))
+        et = model.encode_text(make_texts(model, 5, lengths=(7, 5, 3)))
+        mask = et.mask.clone()
+        mask[0, 1] = False  # caption 0: words 0, 2..6 real
+        et = replace(et, mask=mask)
+        ref = model._score_plain(ei, et)
+    assert _prefix_lengths(et) is None and _prefix_lengths(replace(et, mask=et.mask & False)) is None
+    torch.testing.assert_close(score_all(model, ei, et, memory_budget_mb=0.01), ref, atol=1e-5, rtol=0)

@@ -16,7 +16,10 @@ apart from the output matrix. With `memory_budget_mb` (default 512 MB), the bloc
 has it) when the model offers it; otherwise the given block sizes are used (`memory_budget_mb=None` forces
 them). Captions are visited sorted by length (when the encodings have a (Nt, L) `mask`), so a block's captions
 have similar lengths and models drop padded words (TVRN scores each length group without masks); the output
-columns stay in the gallery's order. A pair's score must not depend on its block (DESIGN 6): the tests check
+columns stay in the gallery's order. For a model with `score_groups_by_length = True` (TVRN, SGRAF, SCAN) whose
+caption encodings have `trim(n)` and prefix masks, caption blocks are also cut where the length changes and
+trimmed to it (each `score` call sees captions of one length and no padding), and each block gets as many
+images as the budget allows at its length (blocks of short captions hold more images). A pair's score must not depend on its block (DESIGN 6): the tests check
 that blocked, reordered and single-block results agree.
 """
 from __future__ import annotations
@@ -155,6 +158,24 @@ def encode_texts(
         return _encode(model.encode_text, text_batches, device, out_device, autocast_dtype, progress, "captions")
 
 
+def _pairs_per_block(model: nn.Module, enc_images: Any, enc_texts: Any, memory_budget_mb: Optional[float]) -> Optional[int]:
+    """Image-caption pairs that fit the memory budget (the model's `preferred_budget_mb` caps it), from
+    `model.pair_bytes(enc_images[:1], enc_texts[:1])`; None without a budget or without `pair_bytes`."""
+    pair_bytes = getattr(model, "pair_bytes", None)
+    if memory_budget_mb is None or pair_bytes is None or len(enc_images) == 0 or len(enc_texts) == 0:
+        return None
+    pref_mb = getattr(model, "preferred_budget_mb", None)  # block memory beyond which the model gains nothing
+    if pref_mb is not None:
+        memory_budget_mb = min(memory_budget_mb, pref_mb)
+    per_pair = max(1, int(pair_bytes(enc_images[:1], enc_texts[:1])))
+    return max(1, int(memory_budget_mb * 2**20) // per_pair)
+
+
+def _max_block_images(model: nn.Module, ni: int, block_images: int) -> int:
+    pref = getattr(model, "preferred_block", None)  # (Bi, Bt) at which the model runs fastest (cache sizes)
+    return ni if pref is None else min(block_images, pref[0])
+
+
 def plan_blocks(
     model: nn.Module,
     enc_images: Any,
@@ -168,32 +189,51 @@ def plan_blocks(
     Without a budget, or when the model has no `pair_bytes`, the given sizes (clipped to the gallery).
     With both, Bt = min(block_texts, Nt, pairs) and Bi = pairs // Bt, where pairs = budget / pair_bytes.
     A model's `preferred_block = (Bi, Bt)` caps the given sizes (SCAN: small blocks keep its elementwise work
-    in cache), and its `preferred_budget_mb` caps the budget (SGRAF: blocks beyond 128 MB are slower).
+    in cache), and its `preferred_budget_mb` caps the budget (SGRAF: larger blocks are slower).
     A model with `score_groups_by_length = True` (TVRN / SGRAF: it scores each caption length separately)
-    also caps Bt at the mean number of captions per distinct length, so that with length-sorted captions a
-    block holds one or two lengths and each group keeps about `pairs` pairs (large matmuls).
+    also caps Bt at the mean number of captions per distinct length; score_all then cuts its caption blocks
+    at length boundaries and gives each block of n-word captions as many images as the budget allows at n.
     """
     ni, nt = len(enc_images), len(enc_texts)
     bi, bt = max(1, min(block_images, ni)), max(1, min(block_texts, nt))
-    pair_bytes = getattr(model, "pair_bytes", None)
-    if memory_budget_mb is None or pair_bytes is None or ni == 0 or nt == 0:
+    pairs = _pairs_per_block(model, enc_images, enc_texts, memory_budget_mb)
+    if pairs is None:
         return bi, bt
-    pref_mb = getattr(model, "preferred_budget_mb", None)  # block memory beyond which the model gains nothing
-    if pref_mb is not None:
-        memory_budget_mb = min(memory_budget_mb, pref_mb)
-    pref = getattr(model, "preferred_block", None)  # (Bi, Bt) at which the model runs fastest (cache sizes)
-    max_bi = ni if pref is None else min(block_images, pref[0])
+    pref = getattr(model, "preferred_block", None)
     if pref is not None:
         block_texts = min(block_texts, pref[1])
-    per_pair = max(1, int(pair_bytes(enc_images[:1], enc_texts[:1])))
-    pairs = max(1, int(memory_budget_mb * 2**20) // per_pair)
     bt = max(1, min(block_texts, nt, pairs))
     mask = getattr(enc_texts, "mask", None)
     if getattr(model, "score_groups_by_length", False) and isinstance(mask, torch.Tensor) and mask.dim() == 2:
         per_length = -(-nt // len(torch.unique(mask.sum(1))))  # mean captions per distinct length, rounded up
         bt = max(1, min(bt, max(per_length, -(-pairs // ni))))  # never so few captions that images run out
-    bi = max(1, min(ni, max_bi, pairs // bt))
+    bi = max(1, min(ni, _max_block_images(model, ni, block_images), pairs // bt))
     return bi, bt
+
+
+def _prefix_lengths(enc_texts: Any) -> Optional[torch.Tensor]:
+    """(Nt,) caption lengths (CPU) when every caption has words and its (Nt, L) `mask` is a prefix of True, so that
+    cutting a block to its longest caption keeps every word; else None."""
+    mask = getattr(enc_texts, "mask", None)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] == 0:
+        return None
+    mask = mask.cpu()
+    lengths = mask.sum(1)
+    if int(lengths.min()) == 0 or not torch.equal(torch.arange(mask.shape[1])[None] < lengths[:, None], mask):
+        return None
+    return lengths
+
+
+def _caption_blocks(nt: int, bt: int, lengths: Optional[torch.Tensor]) -> list[tuple[int, int]]:
+    """Blocks [(p0, p1)] of positions in visiting order, at most bt captions each; with `lengths` (in visiting
+    order, sorted) no block crosses a change of length."""
+    if lengths is None:
+        return [(p0, min(p0 + bt, nt)) for p0 in range(0, nt, bt)]
+    change = (torch.nonzero(lengths[1:] != lengths[:-1]).reshape(-1) + 1).tolist()
+    blocks = []
+    for r0, r1 in zip([0] + change, change + [nt]):  # runs of one length
+        blocks.extend((p0, min(p0 + bt, r1)) for p0 in range(r0, r1, bt))
+    return blocks
 
 
 def _length_order(enc_texts: Any) -> Optional[torch.Tensor]:
@@ -233,31 +273,48 @@ def score_all(
         return out
     bi, bt = plan_blocks(model, enc_images, enc_texts, block_images, block_texts, memory_budget_mb)
     order = _length_order(enc_texts)  # (Nt,) caption visiting order, or None (gallery order)
-    n_blocks = -(-ni // bi) * -(-nt // bt)
+    lengths = None  # caption lengths in visiting order when blocks are cut at length changes and trimmed
+    if getattr(model, "score_groups_by_length", False) and callable(getattr(enc_texts, "trim", None)):
+        lengths = _prefix_lengths(enc_texts)
+        if lengths is not None and order is not None:
+            lengths = lengths[order]
+    plan = []  # (p0, p1, n or None, Bi): caption positions in visiting order, their length, images per block
+    for p0, p1 in _caption_blocks(nt, bt, lengths):
+        n, bi_block = None if lengths is None else int(lengths[p0]), bi
+        if n is not None:  # captions of one length n: cut to n words and fill the budget at n
+            first = int(order[p0]) if order is not None else p0
+            pairs = _pairs_per_block(model, enc_images, enc_texts[first].trim(n), memory_budget_mb)
+            if pairs is not None:
+                bi_block = max(1, min(ni, _max_block_images(model, ni, block_images), pairs // (p1 - p0)))
+        plan.append((p0, p1, n, bi_block))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_blocks, desc="scoring", unit="block", file=sys.stderr)
+        bar = tqdm(total=sum(-(-ni // b) for *_, b in plan), desc="scoring", unit="block", file=sys.stderr)
     try:
         with torch.no_grad(), _eval_mode(model), _autocast(device, autocast_dtype):
             # captions outer: a block of captions is gathered (length order) and moved once, then scored against
             # every chunk of images (slices of the encodings: views, no copies)
-            for t0 in range(0, nt, bt):
-                cols = order[t0 : t0 + bt] if order is not None else None  # (Bt,) gallery columns
-                txts = (enc_texts[t0 : t0 + bt] if cols is None else enc_texts[cols]).to(device)  # Bt captions
+            for p0, p1, n, bi_block in plan:
+                cols = order[p0:p1] if order is not None else None  # (Bt,) gallery columns
+                src = enc_texts if n is None else enc_texts.trim(n)  # trim: views of the gallery's encodings
+                txts = src[p0:p1] if cols is None else src[cols]  # Bt captions (a gather copies them)
+                if n is not None and cols is None and callable(getattr(txts, "contiguous", None)):
+                    txts = txts.contiguous()
+                txts = txts.to(device)
                 out_cols = None if cols is None else cols.to(out.device)
-                for i0 in range(0, ni, bi):
-                    imgs = enc_images[i0 : i0 + bi].to(device)  # Bi images
+                for i0 in range(0, ni, bi_block):
+                    imgs = enc_images[i0 : i0 + bi_block].to(device)  # Bi images
                     block = model.score(imgs, txts)  # (Bi, Bt)
                     if block.shape != (len(imgs), len(txts)):
                         raise ValueError(
                             f"model.score returned {tuple(block.shape)} for {len(imgs)} images x {len(txts)} captions"
                         )
                     if out_cols is None:
-                        out[i0 : i0 + bi, t0 : t0 + bt] = block.float().to(out_device)
+                        out[i0 : i0 + bi_block, p0:p1] = block.float().to(out_device)
                     else:
-                        out[i0 : i0 + bi].index_copy_(1, out_cols, block.float().to(out_device))
+                        out[i0 : i0 + bi_block].index_copy_(1, out_cols, block.float().to(out_device))
                     del imgs, block
                     if bar is not None:
                         bar.update(1)

@@ -34,6 +34,11 @@ class _Encoded:
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
+    def contiguous(self):
+        """Every tensor field contiguous (fields that already are stay shared)."""
+        return replace(self, **{f.name: getattr(self, f.name).contiguous() for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def to(self, device=None, dtype=None):
         out = {}
         for f in fields(self):

@@ -18,6 +18,7 @@ from .text import build_text_encoder
 
 class SCAN(RetrievalModel):
     preferred_block = (64, 128)  # score_all block cap: ~8K pairs keep the (pairs, L, R) tensors in cache
+    score_groups_by_length = True  # inference scores each caption length separately: score_all cuts blocks there
 
     def __init__(self, config: ModelConfig):
         super().__init__()
