@@ -22,6 +22,13 @@ def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return x / (x.norm(dim=dim, keepdim=True) + EPS)
 
 
+def squared_difference(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(a - b)^2 elementwise into `out` (the broadcast shape of a and b; may be `a` itself) in one pass over
+    memory: aten's unreduced mse_loss, where `(a - b).square_()` reads and writes the result twice. Inference
+    only (no autograd through `out=`)."""
+    return torch.ops.aten.mse_loss.out(a.expand_as(out), b.expand_as(out), 0, out=out)  # 0: no reduction
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the token axis. x (..., N, D), mask broadcastable to (..., N) -> (..., D)."""
     m = mask.to(x.dtype).unsqueeze(-1)  # (..., N, 1)
@@ -255,9 +262,9 @@ class AttentionFiltration(nn.Module):
         for M in locals_raw:
             P, n, S = M.shape
             r = torch.linalg.vector_norm(M, dim=-1).add_(EPS)  # (P, n)
-            w = torch.sigmoid((M.reshape(P * n, S) @ a).view(P, n) / r + b)  # (P, n)
+            w = torch.sigmoid_((M.reshape(P * n, S) @ a).view(P, n).div_(r).add_(b))  # (P, n)
             total = total + w.sum(1)  # (P,)
-            vec = vec + torch.bmm((w / r).unsqueeze(1), M).squeeze(1)  # (P,1,n)@(P,n,S) -> (P, S)
+            vec = vec + torch.bmm(w.div_(r).unsqueeze(1), M).squeeze(1)  # (P,1,n)@(P,n,S) -> (P, S)
         if glob is not None:
             w = torch.sigmoid(glob @ a + b)  # (P,)
             total = total + w

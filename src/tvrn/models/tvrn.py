@@ -22,7 +22,7 @@ from .base import EncodedImages, EncodedTexts, RetrievalModel, gram, inference_g
 from .config import ModelConfig
 from .layers import (EPS, NEG, Attention, AttentionFiltration, GraphReasoning, RegionEncoder, SelfAttentionPool,
                      attention_weights, gru_input, gru_scan, gru_scan_dense, init_linears, l2norm, pair_mask,
-                     spatial_mask)
+                     spatial_mask, squared_difference)
 from .text import build_text_encoder
 
 
@@ -257,8 +257,9 @@ class TVRN(RetrievalModel):
         norm = sum(sx.square().sum(2, keepdim=True) for sx in ss).sqrt_().add_(EPS)  # (Ni, Nt, 1, R')
         scale = c.lambda_softmax / norm
         glob, local = None, []  # global node (Ni, Nt, S); local similarities before their l2 norm
-        if c.global_node:
-            glob = l2norm(self.sim_global((g[:, None] - t_glo) ** 2))  # (Ni, Nt, S)
+        if c.global_node:  # (g - t_glo)^2 in one pass: into t_glo when it is per pair (module 2), else a new tensor
+            sq = t_glo if c.refine_text else t_glo.new_empty(Ni, Nt, D)  # (Ni, Nt, D); never the caption encodings
+            glob = l2norm(self.sim_global(squared_difference(g[:, None], t_glo, out=sq)))  # (Ni, Nt, S)
         for x, sx in zip(halves, ss):
             logits = sx * scale  # (Ni, Nt, n, R')
             if c.global_gates:
@@ -271,7 +272,8 @@ class TVRN(RetrievalModel):
             sq = (torch.bmm(a, G) * a).sum(-1, keepdim=True)  # (Ni,Nt*n,R')@(Ni,R',R') -> (Ni,Nt*n,1)
             a = a / sq.clamp_min(0).sqrt_().add_(EPS)
             xs = x.reshape(1, Nt * n, D) if x.dim() == 3 else x.view(Ni, Nt * n, D)  # per caption / per pair
-            diff = torch.bmm(a, U).sub_(xs).square_().view(Ni, Nt, n, D)  # (U_hat - T_ref)^2
+            diff = torch.bmm(a, U)  # (Ni, Nt*n, D) U_hat
+            diff = squared_difference(diff, xs, out=diff).view(Ni, Nt, n, D)  # (U_hat - T_ref)^2 in place
             local.append(self.sim_local(diff).view(Ni * Nt, n, c.sim_dim))  # (P, n, S)
         if glob is not None:
             glob = glob.view(Ni * Nt, c.sim_dim)  # (P, S)
