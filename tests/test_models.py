@@ -149,6 +149,11 @@ def test_encoded_containers_slice_and_move():
     assert ei[1:3].ctx_gram.shape[0] == 2 and et[1:4].hidden.shape[0] == 3
     moved = ei.to("cpu", torch.float64)
     assert moved.regions.dtype == torch.float64 and moved.mask.dtype == torch.bool
+    cut = et.trim(3)  # views with the word axis cut: not contiguous
+    assert not cut.words.is_contiguous()
+    whole = cut.contiguous()
+    assert whole.words.is_contiguous() and whole.refined.is_contiguous() and torch.equal(whole.words, cut.words)
+    assert whole.hidden is et.hidden  # already contiguous: shared, not copied
     with pytest.raises(KeyError, match="no model named"):
         create_model("nope")
     with pytest.raises(TypeError, match="unknown config keys"):
@@ -477,3 +482,20 @@ def test_scan_cross_attention_equals_attended_vectors_loop(lam, masked):
             a = attention_weights(Q[b2] @ C[b1].t(), qm[:, None] & cm[None], lam)  # (Lq, Lc)
             want = (l2norm(a @ C[b1]) * Q[b2]).sum(-1)  # (Lq,)
             torch.testing.assert_close(got[b1, b2][qm], want[qm], atol=1e-6, rtol=0)
+
+
+def test_squared_difference_in_place_and_broadcast():
+    """One-pass (a - b)^2 of the fast paths: into a new tensor with broadcasting, and in place into `a`, equal to
+    the plain expression; an expanded operand is read, not written."""
+    from tvrn.models.layers import squared_difference
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 1, 5, generator=g), torch.randn(1, 4, 5, generator=g)
+    out = torch.empty(3, 4, 5)
+    assert squared_difference(a, b, out=out) is out
+    torch.testing.assert_close(out, (a - b) ** 2, atol=0, rtol=0)
+    y, x = torch.randn(2, 6, 5, generator=g), torch.randn(1, 6, 5, generator=g)
+    want, x_before = (y - x) ** 2, x.clone()
+    squared_difference(y, x, out=y)
+    torch.testing.assert_close(y, want, atol=0, rtol=0)
+    assert torch.equal(x, x_before)
