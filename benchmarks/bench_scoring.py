@@ -201,7 +201,7 @@ def main():
     ap.add_argument("--models", nargs="*", default=MODELS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget", type=float, default=512.0, help="score_all memory_budget_mb")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     for fam, (i, t, r) in dict(tvrn=(32, 320, 24), sgraf=(64, 320, 32), scan=(128, 1280, 32),
                                vse=(1000, 5000, 1000)).items():
         ap.add_argument(f"--{fam}-images", type=int, default=i)

@@ -146,7 +146,7 @@ def test_caption_blocks_cut_at_length_changes():
 
     lengths = torch.tensor([2, 2, 2, 3, 5, 5, 5, 5, 5, 7])  # visiting order, sorted
     blocks = _caption_blocks(10, 3, lengths)
-    assert blocks == [(0, 3), (3, 4), (4, 7), (7, 9), (9, 10)]
+    assert blocks == [(0, 3), (3, 4), (4, 6), (6, 9), (9, 10)]  # the run of five 5s: 2 + 3, not 3 + 2 left over
     covered = [p for p0, p1 in blocks for p in range(p0, p1)]
     assert covered == list(range(10))
     assert all(len(set(lengths[p0:p1].tolist())) == 1 and p1 - p0 <= 3 for p0, p1 in blocks)
@@ -181,9 +181,9 @@ def test_length_grouping_models_get_trimmed_one_length_blocks(name):
         pairs_n = budget // model.pair_bytes(ei[:1], et[lengths == n][:1].trim(n))  # pairs at n words
         bi = max(1, min(7, pairs_n // nt))
         assert ni == bi or ni == 7 % bi  # full chunks of bi images, then the rest
-    short = [ni for ni, nt, n, _ in calls if n == 2 and nt == 4]  # 4 two-word captions
-    long = [ni for ni, nt, n, _ in calls if n == 7 and nt == 4]
-    assert max(short) > max(long)  # shorter captions: more images per block
+    short = [ni for ni, nt, n, _ in calls if n == 2 and nt == 4]  # the four two-word captions in one block
+    long = [ni for ni, nt, n, _ in calls if n == 7 and nt == 3]  # five seven-word captions: blocks of 3 and 2
+    assert short and long and max(short) > max(long)  # shorter captions: more images per block
 
 
 def test_captions_with_inner_padding_are_not_cut():

@@ -226,13 +226,16 @@ def _prefix_lengths(enc_texts: Any) -> Optional[torch.Tensor]:
 
 def _caption_blocks(nt: int, bt: int, lengths: Optional[torch.Tensor]) -> list[tuple[int, int]]:
     """Blocks [(p0, p1)] of positions in visiting order, at most bt captions each; with `lengths` (in visiting
-    order, sorted) no block crosses a change of length."""
+    order, sorted) no block crosses a change of length, and a run of one length is split into equal blocks (a run
+    of bt + 2 captions gives two blocks of bt / 2 + 1, not bt and 2: no block of a few captions)."""
     if lengths is None:
         return [(p0, min(p0 + bt, nt)) for p0 in range(0, nt, bt)]
     change = (torch.nonzero(lengths[1:] != lengths[:-1]).reshape(-1) + 1).tolist()
     blocks = []
     for r0, r1 in zip([0] + change, change + [nt]):  # runs of one length
-        blocks.extend((p0, min(p0 + bt, r1)) for p0 in range(r0, r1, bt))
+        k = -(-(r1 - r0) // bt)  # blocks in this run
+        cuts = [r0 + (r1 - r0) * j // k for j in range(k + 1)]
+        blocks.extend(zip(cuts[:-1], cuts[1:]))
     return blocks
 
 
