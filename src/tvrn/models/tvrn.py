@@ -245,34 +245,37 @@ class TVRN(RetrievalModel):
             t_glo = self._text_global_dense(texts, second) if c.global_node else None  # (Ni, Nt, D)
         else:
             halves, t_glo = [texts.words], texts.glob[None]  # T_ref = T (Nt, n, D); (1, Nt, D)
-        # module 3: scores of every word of T_ref with every unit, lrelu, l2 across all words of the pair
+        # module 3, unit-major: scores (Ni, R', Nt, n) of every unit with every word of T_ref, so that the l2 norm
+        # across the pair's words runs over the last axis and the softmax over units over axis 1 (no permuted
+        # copy); lrelu, masking, scaling and gating in place
         ss = []
         for x in halves:
             if x.dim() == 3:  # per caption: all pairs in one matmul
-                sx = (x.reshape(Nt * n, D) @ U.reshape(Ni * Rp, D).t()).view(Nt, n, Ni, Rp).permute(2, 0, 1, 3)
+                sx = (U.reshape(Ni * Rp, D) @ x.reshape(Nt * n, D).t()).view(Ni, Rp, Nt, n)  # (Ni*R',D)@(D,Nt*n)
             else:  # per pair
-                sx = torch.bmm(x.view(Ni, Nt * n, D), U.transpose(1, 2)).view(Ni, Nt, n, Rp)  # (Ni,Nt*n,D)@(Ni,D,R')
-            sx = F.leaky_relu(sx, 0.1)  # (Ni, Nt, n, R')
-            ss.append(sx if umask is None else sx.masked_fill(~umask[:, None, None], 0.0))
-        norm = sum(sx.square().sum(2, keepdim=True) for sx in ss).sqrt_().add_(EPS)  # (Ni, Nt, 1, R')
-        scale = c.lambda_softmax / norm
+                sx = torch.bmm(U, x.view(Ni, Nt * n, D).transpose(1, 2)).view(Ni, Rp, Nt, n)  # (Ni,R',D)@(Ni,D,Nt*n)
+            sx = F.leaky_relu_(sx, 0.1)  # (Ni, R', Nt, n)
+            ss.append(sx if umask is None else sx.masked_fill_(~umask[:, :, None, None], 0.0))
+        norms = [torch.linalg.vector_norm(sx, dim=-1, keepdim=True) for sx in ss]  # (Ni, R', Nt, 1) per half
+        norm = norms[0] if len(norms) == 1 else sum(v.square_() for v in norms).sqrt_()
+        scale = c.lambda_softmax / norm.add_(EPS)  # (Ni, R', Nt, 1)
         glob, local = None, []  # global node (Ni, Nt, S); local similarities before their l2 norm
         if c.global_node:  # (g - t_glo)^2 in one pass: into t_glo when it is per pair (module 2), else a new tensor
             sq = t_glo if c.refine_text else t_glo.new_empty(Ni, Nt, D)  # (Ni, Nt, D); never the caption encodings
             glob = l2norm(self.sim_global(squared_difference(g[:, None], t_glo, out=sq)))  # (Ni, Nt, S)
         for x, sx in zip(halves, ss):
-            logits = sx * scale  # (Ni, Nt, n, R')
+            logits = sx.mul_(scale)  # (Ni, R', Nt, n)
             if c.global_gates:
-                logits = logits + images.gate[:, None, None]  # + log gate_r
+                logits.add_(images.gate[:, :, None, None])  # + log gate_r
             if umask is not None:
-                logits = logits.masked_fill(~umask[:, None, None], NEG)
-            a = torch.softmax(logits, -1).reshape(Ni, Nt * n, Rp)
-            # U_hat = l2(a @ U) with the norm from the per-image Gram matrix (a^T G a): a (Ni, Nt*n, R') is scaled,
-            # not the (Ni, Nt*n, D) product, which is only written once and then updated in place
-            sq = (torch.bmm(a, G) * a).sum(-1, keepdim=True)  # (Ni,Nt*n,R')@(Ni,R',R') -> (Ni,Nt*n,1)
-            a = a / sq.clamp_min(0).sqrt_().add_(EPS)
+                logits.masked_fill_(~umask[:, :, None, None], NEG)
+            a = torch.softmax(logits, 1).view(Ni, Rp, Nt * n)  # (Ni, R', Q) weights over units, Q = Nt*n words
+            # U_hat = l2(a @ U) with the norm from the per-image Gram matrix (a^T G a): the weights are scaled, not
+            # the (Ni, Q, D) product, which is only written once and then updated in place
+            sq = torch.bmm(G, a).mul_(a).sum(1, keepdim=True)  # (Ni,R',R')@(Ni,R',Q) -> (Ni, 1, Q)
+            a.div_(sq.clamp_min_(0).sqrt_().add_(EPS))
             xs = x.reshape(1, Nt * n, D) if x.dim() == 3 else x.view(Ni, Nt * n, D)  # per caption / per pair
-            diff = torch.bmm(a, U)  # (Ni, Nt*n, D) U_hat
+            diff = torch.bmm(a.transpose(1, 2), U)  # (Ni,Q,R')@(Ni,R',D) -> (Ni, Q, D) U_hat
             diff = squared_difference(diff, xs, out=diff).view(Ni, Nt, n, D)  # (U_hat - T_ref)^2 in place
             local.append(self.sim_local(diff).view(Ni * Nt, n, c.sim_dim))  # (P, n, S)
         if glob is not None:
