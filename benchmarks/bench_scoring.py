@@ -12,6 +12,7 @@ forward only, CPU fp32. For each model:
   machine's 4096x4096 fp32 matmul rate (measured in the same run, next to each model's timings: the best of
   the rates measured before and after each timing) the scorer reaches (actual FLOPs, and
   "effective": reference FLOPs per pair x scorer pairs/s, so removed FLOPs count);
+- each model timed in its own fresh process (the order of models does not matter);
 - peak scoring memory (VmHWM minus VmRSS before scoring, fresh subprocess, /proc/self/clear_refs, large
   allocations mmapped so RSS tracks live tensors) for a gallery and one with 10x the images (the encodings are
   inputs, present before scoring starts);
@@ -149,7 +150,7 @@ MEM_SCRIPT = r"""
 import gc, sys, torch
 sys.path.insert(0, {bench!r})
 from bench_scoring import build, make_data
-from tvrn.scoring import score_all
+from tvrn.scoring import block_plan, score_all
 torch.set_num_threads({threads})
 model = build({name!r}); images, texts = make_data({ni}, {nt})
 with torch.no_grad():
@@ -163,19 +164,21 @@ def status(key):
 open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
 base = status("VmRSS:")
 s = score_all(model, ei, et, memory_budget_mb={budget})
-print(status("VmHWM:") - base, s.numel() * 4)
+peak = status("VmHWM:") - base
+print(peak, s.numel() * 4, max(b for *_, b in block_plan(model, ei, et, memory_budget_mb={budget})[1]))
 """
 
 
-def peak_memory(name, ni, nt, a):
+def peak_memory(name, ni, nt, budget, a):
     code = MEM_SCRIPT.format(bench=str(Path(__file__).parent), threads=a.threads, name=name, ni=ni, nt=nt,
-                             budget=a.budget)
+                             budget=budget)
     # one malloc arena and blocks from 16 KB up mmapped (returned to the OS on free): RSS tracks live tensors, not
     # heap caching; what glibc still retains grows by ~0.1 MB over repeated calls and then saturates
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384", MALLOC_ARENA_MAX="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    peak, output = map(int, out.stdout.split()[-2:])
-    return {"images": ni, "captions": nt, "scoring_peak_bytes": peak, "output_bytes": output}
+    peak, output, bi = map(int, out.stdout.split()[-3:])
+    return {"images": ni, "captions": nt, "budget_mb": budget, "scoring_peak_bytes": peak, "output_bytes": output,
+            "max_block_images": bi}
 
 
 def table(res):
@@ -188,11 +191,12 @@ def table(res):
                     f"{r['speedup']:.2f}x | {r['max_abs_diff']:.1e} | {r['scorer_mflop_per_pair']:.2f} / "
                     f"{r['reference_mflop_per_pair']:.2f} | {100 * r['scorer_gflop_per_s'] / rate:.0f}% / "
                     f"{100 * eff / rate:.0f}% | {rate:.0f} | {r['train_pairs_per_s']:,.0f} |")
-    mem = ["", "| model | gallery | scoring peak MB | output MB |", "|---|---|---|---|"]
+    mem = ["", "| model | gallery | budget MB | most images per block | scoring peak MB | output MB |",
+           "|---|---|---|---|---|---|"]
     for name, ms in res.get("memory", {}).items():
         for m in ms:
-            mem.append(f"| {name} | {m['images']} x {m['captions']} | {m['scoring_peak_bytes'] / 2**20:.0f} | "
-                       f"{m['output_bytes'] / 2**20:.1f} |")
+            mem.append(f"| {name} | {m['images']} x {m['captions']} | {m['budget_mb']:.0f} | {m['max_block_images']} | "
+                       f"{m['scoring_peak_bytes'] / 2**20:.1f} | {m['output_bytes'] / 2**20:.2f} |")
     return "\n".join(rows + mem)
 
 
@@ -209,22 +213,30 @@ def main():
         ap.add_argument(f"--{fam}-ref-texts", type=int, default=r)
     ap.add_argument("--train-batch", type=int, default=64)
     ap.add_argument("--train-batch-tvrn", type=int, default=16)
-    ap.add_argument("--memory", nargs="*", default=["tvrn_sgr:40:120", "sgraf_saf:64:640", "scan_t2i:64:2048"],
-                    help="name:images:captions; each is measured at that size and with 10x the images (choose "
-                         "sizes at which both galleries fill whole blocks of the same shape)")
+    ap.add_argument("--memory", nargs="*", default=["tvrn_sgr:40:120:128", "sgraf_saf:64:640", "scan_t2i:64:2048"],
+                    help="name:images:captions[:budget_mb]; each is measured at that size and with 10x the images "
+                         "(choose sizes at which the smaller gallery already fills its blocks: 'most images per "
+                         "block' below the gallery's images)")
+    ap.add_argument("--single", metavar="MODEL", help=argparse.SUPPRESS)  # internal: one model, JSON to stdout
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "scoring.json"))
     ap.add_argument("--doc", default=str(Path(__file__).parent.parent / "docs" / "scoring.md"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.single:
+        print(json.dumps(bench_model(a.single, a)))
+        return
     res = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": a.threads,
            "torch": torch.__version__, "matmul_gflop_per_s": matmul_rate() / 1e9, "models": {}, "memory": {}}
     print(f"matmul 4096^2 fp32: {res['matmul_gflop_per_s']:.1f} GFLOP/s", file=sys.stderr)
-    for name in a.models:
-        res["models"][name] = r = bench_model(name, a)
+    for name in a.models:  # each model in a fresh process: no heap state or thread pool left by the one before
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--single", name], capture_output=True,
+                             text=True, check=True)
+        res["models"][name] = r = json.loads(out.stdout.strip().splitlines()[-1])
         print(name, json.dumps({k: v for k, v in r.items() if k != "times_s"}), file=sys.stderr)
     for spec in a.memory:
-        name, ni, nt = spec.split(":")
-        res["memory"][name] = [peak_memory(name, int(ni), int(nt), a), peak_memory(name, 10 * int(ni), int(nt), a)]
+        name, ni, nt, *mb = spec.split(":")
+        mb = float(mb[0]) if mb else a.budget
+        res["memory"][name] = [peak_memory(name, int(ni), int(nt), mb, a), peak_memory(name, 10 * int(ni), int(nt), mb, a)]
     res["matmul_gflop_per_s_end"] = matmul_rate() / 1e9
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")

@@ -250,6 +250,38 @@ def _length_order(enc_texts: Any) -> Optional[torch.Tensor]:
     return torch.sort(lengths, stable=True).indices
 
 
+def block_plan(
+    model: nn.Module,
+    enc_images: Any,
+    enc_texts: Any,
+    block_images: int = 128,
+    block_texts: int = 1024,
+    memory_budget_mb: Optional[float] = 512.0,
+) -> tuple[Optional[torch.Tensor], list[tuple[int, int, Optional[int], int]]]:
+    """score_all's schedule -> (order, plan): `order` (Nt,) the caption visiting order (None: gallery order);
+    `plan` [(p0, p1, n, Bi)]: captions order[p0:p1] form one block, cut to n words (None: not cut), scored against
+    chunks of Bi images. Blocks are sized by `plan_blocks`; for length-grouping models see the module docstring.
+    """
+    ni, nt = len(enc_images), len(enc_texts)
+    bi, bt = plan_blocks(model, enc_images, enc_texts, block_images, block_texts, memory_budget_mb)
+    order = _length_order(enc_texts)  # (Nt,) caption visiting order, or None (gallery order)
+    lengths = None  # caption lengths in visiting order when blocks are cut at length changes and trimmed
+    if getattr(model, "score_groups_by_length", False) and callable(getattr(enc_texts, "trim", None)):
+        lengths = _prefix_lengths(enc_texts)
+        if lengths is not None and order is not None:
+            lengths = lengths[order]
+    plan = []  # (p0, p1, n or None, Bi): caption positions in visiting order, their length, images per block
+    for p0, p1 in _caption_blocks(nt, bt, lengths):
+        n, bi_block = None if lengths is None else int(lengths[p0]), bi
+        if n is not None:  # captions of one length n: cut to n words and fill the budget at n
+            first = int(order[p0]) if order is not None else p0
+            pairs = _pairs_per_block(model, enc_images, enc_texts[first].trim(n), memory_budget_mb)
+            if pairs is not None:
+                bi_block = max(1, min(ni, _max_block_images(model, ni, block_images), pairs // (p1 - p0)))
+        plan.append((p0, p1, n, bi_block))
+    return order, plan
+
+
 def score_all(
     model: nn.Module,
     enc_images: Any,
@@ -274,22 +306,7 @@ def score_all(
     out = torch.empty((ni, nt), dtype=torch.float32, device=out_device)
     if ni == 0 or nt == 0:
         return out
-    bi, bt = plan_blocks(model, enc_images, enc_texts, block_images, block_texts, memory_budget_mb)
-    order = _length_order(enc_texts)  # (Nt,) caption visiting order, or None (gallery order)
-    lengths = None  # caption lengths in visiting order when blocks are cut at length changes and trimmed
-    if getattr(model, "score_groups_by_length", False) and callable(getattr(enc_texts, "trim", None)):
-        lengths = _prefix_lengths(enc_texts)
-        if lengths is not None and order is not None:
-            lengths = lengths[order]
-    plan = []  # (p0, p1, n or None, Bi): caption positions in visiting order, their length, images per block
-    for p0, p1 in _caption_blocks(nt, bt, lengths):
-        n, bi_block = None if lengths is None else int(lengths[p0]), bi
-        if n is not None:  # captions of one length n: cut to n words and fill the budget at n
-            first = int(order[p0]) if order is not None else p0
-            pairs = _pairs_per_block(model, enc_images, enc_texts[first].trim(n), memory_budget_mb)
-            if pairs is not None:
-                bi_block = max(1, min(ni, _max_block_images(model, ni, block_images), pairs // (p1 - p0)))
-        plan.append((p0, p1, n, bi_block))
+    order, plan = block_plan(model, enc_images, enc_texts, block_images, block_texts, memory_budget_mb)
     bar = None
     if progress:
         from tqdm.auto import tqdm
