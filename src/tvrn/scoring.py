@@ -14,12 +14,12 @@ and writes into a preallocated output; peak working memory is one block, indepen
 apart from the output matrix. With `memory_budget_mb` (default 512 MB), the block is sized from
 `model.pair_bytes(enc_i[:1], enc_t[:1])` (bytes of working memory per image-caption pair; every tvrn model
 has it) when the model offers it; otherwise the given block sizes are used (`memory_budget_mb=None` forces
-them). Captions are visited sorted by length (when the encodings have a (Nt, L) `mask`), so a block's captions
-have similar lengths and models drop padded words (TVRN scores each length group without masks); the output
-columns stay in the gallery's order. For a model with `score_groups_by_length = True` (TVRN, SGRAF, SCAN) whose
-caption encodings have `trim(n)` and prefix masks, caption blocks are also cut where the length changes and
-trimmed to it (each `score` call sees captions of one length and no padding), and each block gets as many
-images as the budget allows at its length (blocks of short captions hold more images). A pair's score must not depend on its block (DESIGN 6): the tests check
+them). A model with `score_groups_by_length = True` (TVRN, SGRAF, SCAN: their fast paths drop padded words)
+has its captions visited sorted by length (the output columns stay in the gallery's order); when its caption
+encodings have `trim(n)` and prefix masks, caption blocks are also cut where the length changes and trimmed to
+it (each `score` call sees captions of one length and no padding), and each block gets as many images as the
+budget allows at its length (blocks of short captions hold more images). Other models (VSE) read contiguous
+slices in gallery order. A pair's score must not depend on its block (DESIGN 6): the tests check
 that blocked, reordered and single-block results agree.
 """
 from __future__ import annotations
@@ -264,9 +264,12 @@ def block_plan(
     """
     ni, nt = len(enc_images), len(enc_texts)
     bi, bt = plan_blocks(model, enc_images, enc_texts, block_images, block_texts, memory_budget_mb)
-    order = _length_order(enc_texts)  # (Nt,) caption visiting order, or None (gallery order)
+    grouping = getattr(model, "score_groups_by_length", False)
+    # (Nt,) caption visiting order, or None (gallery order): sorting (a gather of every caption field) only pays
+    # for models that drop padded words; the others (VSE) read contiguous slices
+    order = _length_order(enc_texts) if grouping else None
     lengths = None  # caption lengths in visiting order when blocks are cut at length changes and trimmed
-    if getattr(model, "score_groups_by_length", False) and callable(getattr(enc_texts, "trim", None)):
+    if grouping and callable(getattr(enc_texts, "trim", None)):
         lengths = _prefix_lengths(enc_texts)
         if lengths is not None and order is not None:
             lengths = lengths[order]
