@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..evaluation import evaluate
-from ..scoring import _eval_mode, _model_device
+from ..scoring import _eval_mode, _model_device, _prefix_lengths
 
 
 def shortlist_embeddings(model, enc_images, enc_texts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,12 +75,20 @@ def two_stage_scores(model, enc_images, enc_texts, k_images: int, k_texts: int, 
     cand = in_t2i | in_i2t  # (Ni, Nt) pairs to score
     full = torch.full((ni, nt), -math.inf)
     device = torch.device(device) if device is not None else _model_device(model)
+    # length-grouping models: each image's captions in length order and cut to the longest, so that the model's
+    # length groups are slices of one gather
+    lengths = _prefix_lengths(enc_texts) if getattr(model, "score_groups_by_length", False) else None
     with torch.no_grad(), _eval_mode(model):
         for i in range(ni):
             cols = torch.nonzero(cand[i]).reshape(-1)  # (n_i,)
-            if len(cols):
-                s = model.score(enc_images[i : i + 1].to(device), enc_texts[cols].to(device))  # (1, n_i)
-                full[i, cols] = s[0].float().cpu()
+            if not len(cols):
+                continue
+            txts = enc_texts
+            if lengths is not None and callable(getattr(enc_texts, "trim", None)):
+                cols = cols[torch.sort(lengths[cols], stable=True).indices]
+                txts = enc_texts.trim(int(lengths[cols[-1]]))
+            s = model.score(enc_images[i : i + 1].to(device), txts[cols].to(device))  # (1, n_i)
+            full[i, cols] = s[0].float().cpu()
     pairs = int(cand.sum())
     return {"t2i": full.masked_fill(~in_t2i, -math.inf), "i2t": full.masked_fill(~in_i2t, -math.inf),
             "pairs_scored": pairs, "fraction": pairs / max(1, ni * nt)}
