@@ -33,6 +33,22 @@ def test_topk_exact_matches_sort():
     assert torch.equal(topk_indices(q, x, 4, use_faiss=False), ref)
 
 
+def test_faiss_topk_equals_exact_and_two_stage_agrees(setup):
+    """FAISS (IndexFlatIP, installed by the dev extra) gives the exact top-k, and two-stage scores are the same
+    with either shortlist backend."""
+    faiss = pytest.importorskip("faiss")
+    assert faiss.IndexFlatIP
+    g = torch.Generator().manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
+    x = torch.nn.functional.normalize(torch.randn(500, 16, generator=g), dim=1)
+    assert torch.equal(topk_indices(q, x, 12, use_faiss=True), topk_exact(q, x, 12))
+    assert topk_indices(q, x, 900, use_faiss=True).shape == (40, 500)  # k beyond the gallery: the whole gallery
+    model, ei, et, c2i, exact = setup
+    a = two_stage_scores(model, ei, et, k_images=2, k_texts=3, use_faiss=True)
+    b = two_stage_scores(model, ei, et, k_images=2, k_texts=3, use_faiss=False)
+    assert torch.equal(a["t2i"], b["t2i"]) and torch.equal(a["i2t"], b["i2t"])
+
+
 def test_full_shortlist_equals_exact(setup):
     model, ei, et, c2i, exact = setup
     r = two_stage_scores(model, ei, et, k_images=NI, k_texts=NT)
