@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if not (data / "manifest.json").exists():
         print(f"tvrn demo: generating the synthetic benchmark in {data}", flush=True)
         res = write_dataset(data, SynthConfig())
-        print(f"  done in {res.seconds:.1f} s", flush=True)
+        print(f"  done in {res.seconds['total']:.1f} s", flush=True)
     print(f"tvrn demo: {torch.get_num_threads()} threads; runs in {args.out}", flush=True)
     summary = run_demo(data, args.out, preset=args.preset, extra_overrides=tuple(args.overrides),
                        resume=not args.fresh, progress=args.progress,
