@@ -36,8 +36,7 @@ def test_topk_exact_matches_sort():
 def test_faiss_topk_equals_exact_and_two_stage_agrees(setup):
     """FAISS (IndexFlatIP, installed by the dev extra) gives the exact top-k, and two-stage scores are the same
     with either shortlist backend."""
-    faiss = pytest.importorskip("faiss")
-    assert faiss.IndexFlatIP
+    pytest.importorskip("faiss")
     g = torch.Generator().manual_seed(1)
     q = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
     x = torch.nn.functional.normalize(torch.randn(500, 16, generator=g), dim=1)

@@ -224,6 +224,15 @@ def _prefix_lengths(enc_texts: Any) -> Optional[torch.Tensor]:
     return lengths
 
 
+def trim_lengths(model: nn.Module, enc_texts: Any) -> Optional[torch.Tensor]:
+    """(Nt,) caption lengths when captions may be cut to their length before `model.score`: the model drops
+    padded words (`score_groups_by_length`), the encodings have `trim(n)`, and every mask is a non-empty prefix;
+    else None. Used by score_all's schedule and by two-stage re-ranking."""
+    if not getattr(model, "score_groups_by_length", False) or not callable(getattr(enc_texts, "trim", None)):
+        return None
+    return _prefix_lengths(enc_texts)
+
+
 def _caption_blocks(nt: int, bt: int, lengths: Optional[torch.Tensor]) -> list[tuple[int, int]]:
     """Blocks [(p0, p1)] of positions in visiting order, at most bt captions each; with `lengths` (in visiting
     order, sorted) no block crosses a change of length, and a run of one length is split into equal blocks (a run
@@ -264,15 +273,12 @@ def block_plan(
     """
     ni, nt = len(enc_images), len(enc_texts)
     bi, bt = plan_blocks(model, enc_images, enc_texts, block_images, block_texts, memory_budget_mb)
-    grouping = getattr(model, "score_groups_by_length", False)
     # (Nt,) caption visiting order, or None (gallery order): sorting (a gather of every caption field) only pays
     # for models that drop padded words; the others (VSE) read contiguous slices
-    order = _length_order(enc_texts) if grouping else None
-    lengths = None  # caption lengths in visiting order when blocks are cut at length changes and trimmed
-    if grouping and callable(getattr(enc_texts, "trim", None)):
-        lengths = _prefix_lengths(enc_texts)
-        if lengths is not None and order is not None:
-            lengths = lengths[order]
+    order = _length_order(enc_texts) if getattr(model, "score_groups_by_length", False) else None
+    lengths = trim_lengths(model, enc_texts)  # when set, blocks are cut at length changes and trimmed
+    if lengths is not None and order is not None:
+        lengths = lengths[order]  # in visiting order
     plan = []  # (p0, p1, n or None, Bi): caption positions in visiting order, their length, images per block
     for p0, p1 in _caption_blocks(nt, bt, lengths):
         n, bi_block = None if lengths is None else int(lengths[p0]), bi

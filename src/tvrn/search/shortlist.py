@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..evaluation import evaluate
-from ..scoring import _eval_mode, _model_device, _prefix_lengths
+from ..scoring import _eval_mode, _model_device, trim_lengths
 
 
 def shortlist_embeddings(model, enc_images, enc_texts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,14 +77,14 @@ def two_stage_scores(model, enc_images, enc_texts, k_images: int, k_texts: int, 
     device = torch.device(device) if device is not None else _model_device(model)
     # length-grouping models: each image's captions in length order and cut to the longest, so that the model's
     # length groups are slices of one gather
-    lengths = _prefix_lengths(enc_texts) if getattr(model, "score_groups_by_length", False) else None
+    lengths = trim_lengths(model, enc_texts)  # (Nt,) or None
     with torch.no_grad(), _eval_mode(model):
         for i in range(ni):
             cols = torch.nonzero(cand[i]).reshape(-1)  # (n_i,)
             if not len(cols):
                 continue
             txts = enc_texts
-            if lengths is not None and callable(getattr(enc_texts, "trim", None)):
+            if lengths is not None:
                 cols = cols[torch.sort(lengths[cols], stable=True).indices]
                 txts = enc_texts.trim(int(lengths[cols[-1]]))
             s = model.score(enc_images[i : i + 1].to(device), txts[cols].to(device))  # (1, n_i)
