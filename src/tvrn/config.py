@@ -115,3 +115,36 @@ def save_config(config: dict, path) -> None:
     """Write the resolved config as JSON, atomically (temporary file renamed into place)."""
     data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     atomic_write(path, lambda f: f.write(data))
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (present in one only counts), sorted."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        key = f"{prefix}{k}"
+        a, b = old.get(k, _MISSING), new.get(k, _MISSING)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_differences(a, b, key + "."))
+        elif a != b:
+            out.append(key)
+    return out
+
+
+def describe_differences(old: dict, new: dict, keys: list[str]) -> str:
+    """'train.lr: 0.0002 -> 0.001, model.embed_size: 1024 -> 256' for the given dotted keys."""
+    def get(d, key):
+        for part in key.split("."):
+            if not isinstance(d, dict) or part not in d:
+                return "(absent)"
+            d = d[part]
+        return json.dumps(d)
+
+    return ", ".join(f"{k}: {get(old, k)} -> {get(new, k)}" for k in keys)
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+_MISSING = _Missing()

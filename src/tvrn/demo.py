@@ -19,7 +19,7 @@ import torch
 
 from .data import load_split
 from .evaluation import write_json
-from .pipeline import load_trained, resolve_config, score_split, train_from_config
+from .pipeline import can_resume, load_trained, resolve_config, score_split, train_from_config
 from .evaluation import evaluate
 
 
@@ -132,7 +132,8 @@ def run_demo(data_root: str | Path, out_dir: str | Path, preset: str = "demo_syn
         else:
             on_event(f"{entry.label}: training {cfg['model']['name']} for {cfg['train']['epochs']} epochs -> {run_dir}")
             t0 = time.time()
-            summary = train_from_config(cfg, run_dir, resume=resume, progress=progress)
+            # continue a killed run of this config; a run of another config is replaced
+            summary = train_from_config(cfg, run_dir, resume=resume and can_resume(cfg, run_dir), progress=progress)
             seconds = time.time() - t0
             model, tokenizer, _ = load_trained(run_dir / "best.pt")
             scores = score_split(model, test, tokenizer, cfg["data"])

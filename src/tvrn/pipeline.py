@@ -15,14 +15,14 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import apply_overrides, load_config, save_config
+from .config import ConfigError, apply_overrides, config_differences, describe_differences, load_config, save_config
 from .data import PairDataset, PrecompSplit, Vocabulary, iter_image_batches, iter_text_batches, load_split
 from .evaluation import ensemble, evaluate, evaluate_protocol, load_scores
 from .models import BertTokenizer, create_model, glove_vectors
 from .scoring import encode_images, encode_texts, score_all
 from .train.checkpoint import load_checkpoint
 from .train.distributed import init_distributed
-from .train.trainer import TrainConfig, Trainer
+from .train.trainer import RESUME_MAY_CHANGE, TrainConfig, Trainer, seed_everything
 
 DEFAULT_DATA = {
     "root": None,  # precomp folder (SPLIT_ims.npy, SPLIT_caps.txt, ...)
@@ -120,12 +120,18 @@ def train_from_config(cfg: dict, out_dir: str | os.PathLike, resume: bool | str 
     train_split = load_split(data["root"], data["train_split"])
     dev_split = load_split(data["root"], data["dev_split"])
     vocab = None if uses_bert(cfg) else Vocabulary.load(_vocab_path(data))
+    run = run_config(cfg, out_dir)
+    tcfg = TrainConfig.from_dict(run["train"])
+    check_resume(run, out_dir, resume)
+    dist = init_distributed()
+    # train.seed decides the initial weights: seed before anything random is built (torch seeds its default
+    # generator from the OS in every new process). Every rank builds the same weights; the trainer then
+    # re-seeds with seed + rank for dropout.
+    seed_everything(tcfg.seed)
     model = build_model(cfg, train_split.feature_size, vocab)
     tokenizer = build_tokenizer(model.config, vocab)
-    tcfg = TrainConfig.from_dict({**cfg["train"], "out_dir": str(out_dir)})
-    run = dict(cfg, train=dataclasses.asdict(tcfg))
-    if init_distributed().is_main:  # under torchrun: every rank trains, rank 0 writes
-        save_config(run, Path(out_dir) / "run.json")
+    if dist.is_main:  # under torchrun: every rank trains, rank 0 writes
+        save_config({**run, "env": run_environment(dist.world_size)}, Path(out_dir) / "run.json")
     thr = float(data["adjacency_threshold"])
     dataset = PairDataset(train_split, tokenizer, adjacency_threshold=thr)
     trainer = Trainer(
@@ -137,6 +143,59 @@ def train_from_config(cfg: dict, out_dir: str | os.PathLike, resume: bool | str 
     summary["model_name"] = cfg["model"]["name"]
     summary["parameters"] = sum(p.numel() for p in model.parameters())
     return summary
+
+
+def run_config(cfg: dict, out_dir: str | os.PathLike) -> dict:
+    """The run config as OUT/run.json records it: every TrainConfig field filled in, train.out_dir = out_dir."""
+    tcfg = TrainConfig.from_dict({**cfg["train"], "out_dir": str(out_dir)})
+    return dict(cfg, train=dataclasses.asdict(tcfg))
+
+
+def can_resume(cfg: dict, out_dir: str | os.PathLike) -> bool:
+    """Whether out_dir holds a run (finished or killed) of this config that `resume=True` would continue."""
+    return (Path(out_dir) / "last.pt").exists() and saved_run_config(out_dir) is not None \
+        and not resume_conflicts_of_run(run_config(cfg, out_dir), out_dir)
+
+
+def run_environment(world_size: int = 1) -> dict:
+    """What bitwise reproducibility depends on beyond the config: CPU results change with the thread count
+    (reductions split differently), and with the torch build and the machine."""
+    import platform
+
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "world_size": world_size,
+            "machine": platform.machine(), "cuda": torch.cuda.is_available()}
+
+
+def saved_run_config(out_dir: str | os.PathLike) -> Optional[dict]:
+    """The run config saved in out_dir/run.json (without its "env" record), or None."""
+    path = Path(out_dir) / "run.json"
+    if not path.exists():
+        return None
+    saved = load_config(str(path))
+    saved.pop("env", None)
+    return saved
+
+
+def resume_conflicts_of_run(run: dict, out_dir: str | os.PathLike) -> list[str]:
+    """Dotted keys in which `run` (a resolved run config) differs from the run saved in out_dir, leaving out
+    the train keys a resume may change (tvrn.train.trainer.RESUME_MAY_CHANGE); [] if none is saved."""
+    saved = saved_run_config(out_dir)
+    if saved is None:
+        return []
+    return [k for k in config_differences(saved, run)
+            if not (k.startswith("train.") and k[len("train."):] in RESUME_MAY_CHANGE)]
+
+
+def check_resume(run: dict, out_dir: str | os.PathLike, resume: bool | str) -> None:
+    """Refuse to resume a run in out_dir with another config, naming the keys that differ."""
+    if not resume or (resume is True and not (Path(out_dir) / "last.pt").exists()):
+        return  # a fresh start
+    conflicts = resume_conflicts_of_run(run, out_dir)
+    if conflicts:
+        raise ConfigError(f"cannot resume the run in {out_dir}: its run.json differs in "
+                          f"{describe_differences(saved_run_config(out_dir), run, conflicts)}; resume with the "
+                          f"run's own settings (tvrn train --config {Path(out_dir) / 'run.json'} --resume) or "
+                          f"choose a new --out")
 
 
 def model_from_checkpoint(ckpt: dict, source: str = "<checkpoint>"):

@@ -89,6 +89,19 @@ class TrainConfig:
         return cls(**d)
 
 
+# TrainConfig fields a resume may change: how long to train and how to log or load, not what is computed
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "tensorboard", "log_every_steps", "save_every_steps", "out_dir")
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """Dotted keys of a checkpoint's config ({"model_name", "model", "train"}) that a resume with `current` would
+    change, leaving out RESUME_MAY_CHANGE."""
+    from ..config import config_differences
+
+    keys = config_differences(saved or {}, current)
+    return [k for k in keys if not (k.startswith("train.") and k[len("train."):] in RESUME_MAY_CHANGE)]
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and all CUDA devices)."""
     random.seed(seed)
@@ -279,7 +292,15 @@ class Trainer:
         if ckpt is not None:
             atomic_save(ckpt, self.out_dir / name)
 
-    def _restore(self, ckpt: dict) -> tuple[int, int, float, int]:
+    def _restore(self, ckpt: dict, path: Path) -> tuple[int, int, float, int]:
+        from ..config import describe_differences
+
+        saved, current = ckpt.get("config") or {}, self._config_dict()
+        conflicts = resume_conflicts(saved, current)
+        if conflicts:
+            raise ValueError(f"cannot resume from {path}: it was trained with another config "
+                             f"({describe_differences(saved, current, conflicts)}); resume with the run's own "
+                             f"settings or start a new run folder")
         _unwrap(self.model).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
@@ -319,7 +340,7 @@ class Trainer:
             if resume is not True and not path.exists():
                 raise FileNotFoundError(f"no checkpoint to resume from at {path}")
             if path.exists():
-                start_epoch, start_batch, loss_sum, loss_batches = self._restore(load_checkpoint(path, "cpu"))
+                start_epoch, start_batch, loss_sum, loss_batches = self._restore(load_checkpoint(path, "cpu"), path)
                 resumed_from = str(path)
                 self.logger.truncate_after(self.step, start_epoch)
         if self.dist.is_main:
