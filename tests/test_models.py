@@ -9,6 +9,7 @@ import torch
 
 from tvrn.data.batch import ImageBatch, TextBatch
 from tvrn.models import create_model, list_models
+from tvrn.models.base import grid_layout
 from tvrn.models.layers import Attention, gru_input, gru_scan, l2norm, spatial_mask
 
 B, R, L, D, DV, S, VOCAB = 3, 5, 7, 16, 12, 8, 30
@@ -292,7 +293,7 @@ def test_refinement_shortcut_equals_plain_gru_over_expanded_words():
     images, texts = make_images(2), make_texts(model, 3)
     with torch.no_grad():
         ei, et = model.encode_image(images), model.encode_text(texts)
-        T_ref, tmask, _ = model._refine(ei, et)  # (Ni, Nt, 2L, D)
+        T_ref, tmask, _ = model._refine(*grid_layout(ei, et), (2, 3))  # (Ni, Nt, 2L, D)
         V = ei.regions
         C = model._context(V, ei.mask, images.adjacency)
         T = et.words

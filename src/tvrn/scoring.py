@@ -352,3 +352,167 @@ def score_all(
         if bar is not None:
             bar.close()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def _tensor_fields(enc: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(enc) if isinstance(getattr(enc, f.name), torch.Tensor)]
+
+
+class _TrainSpec:
+    """What _TrainScores needs besides its tensor inputs: the model, the encodings' field layout, the budget."""
+
+    def __init__(self, model, enc_images, enc_texts, memory_budget_mb: float, n_params: int) -> None:
+        self.model, self.budget_mb, self.n_params = model, float(memory_budget_mb), n_params
+        self.templates = (enc_images, enc_texts)
+        self.names = (_tensor_fields(enc_images), _tensor_fields(enc_texts))
+
+    def flatten(self, enc_images, enc_texts) -> list[torch.Tensor]:
+        return [getattr(enc_images, n) for n in self.names[0]] + [getattr(enc_texts, n) for n in self.names[1]]
+
+    def unflatten(self, tensors) -> tuple[Any, Any]:
+        ni = len(self.names[0])
+        img = dataclasses.replace(self.templates[0], **dict(zip(self.names[0], tensors[:ni])))
+        txt = dataclasses.replace(self.templates[1], **dict(zip(self.names[1], tensors[ni:ni + len(self.names[1])])))
+        return img, txt
+
+
+def train_pair_bytes(model: nn.Module, enc_images: Any, enc_texts: Any) -> int:
+    """Bytes per pair that `model.score_pairs` keeps for backward, measured on the pair (enc_images[0],
+    enc_texts[0]) (captions cut to the length to plan for): its gathered inputs and every tensor autograd saves
+    (parameters excluded), doubled for the backward's own temporaries."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            storages[st.data_ptr()] = st.nbytes()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        keep(t)
+        return t
+
+    img = dataclasses.replace(enc_images, **{n: getattr(enc_images, n)[:1].clone() for n in _tensor_fields(enc_images)})
+    txt = dataclasses.replace(enc_texts, **{n: getattr(enc_texts, n)[:1].clone() for n in _tensor_fields(enc_texts)})
+    for enc in (img, txt):
+        for n in _tensor_fields(enc):
+            t = getattr(enc, n)
+            keep(t)
+            if t.is_floating_point():
+                t.requires_grad_(True)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.score_pairs(img, txt)
+    return 2 * sum(storages.values())
+
+
+def _gathered_leaf(t: torch.Tensor, idx: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+    x = t.detach().index_select(0, idx)  # (P, ...) copies of the pairs' rows
+    return x.requires_grad_(needs_grad and x.is_floating_point())
+
+
+class _TrainScores(torch.autograd.Function):
+    """S = all-pairs scores of a training batch, differentiable in the encodings and the pair-work parameters.
+
+    forward: `score_all` (the inference fast path, blocks sized to the budget, no graph kept).
+    backward(G = dL/dS): only pairs with G != 0 contribute to any gradient (with the hardest-negative loss that is
+    the diagonal and about two negatives per row and column); they are recomputed through `model.score_pairs`
+    (the plain equations, one pair axis) in chunks of one caption length (cut to it: no padded word), as many
+    pairs per chunk as the budget allows (`train_pair_bytes`), and back-propagated chunk by chunk. Gradients of
+    the encodings are accumulated by index; the encoders' own backward follows in the caller's graph.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _TrainSpec, *tensors):
+        enc_i, enc_t = spec.unflatten(tensors)
+        device = enc_i.mask.device
+        ctx.spec, ctx.device_type = spec, device.type
+        ctx.autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        ctx.save_for_backward(*tensors)
+        return score_all(spec.model, spec.model.inference_encodings(enc_i), enc_t,
+                         memory_budget_mb=spec.budget_mb, device=device, out_device=device)
+
+    @staticmethod
+    def backward(ctx, G):
+        spec, tensors = ctx.spec, ctx.saved_tensors
+        model, n_enc = spec.model, len(tensors) - spec.n_params
+        enc_i, enc_t = spec.unflatten(tensors)
+        params = tensors[n_enc:]
+        needs = ctx.needs_input_grad[1:]  # per tensor input (the spec comes first)
+        names_i, names_t = spec.names
+        need_i = {n: needs[k] for k, n in enumerate(names_i)}
+        need_t = {n: needs[len(names_i) + k] for k, n in enumerate(names_t)}
+        acc_i = {n: torch.zeros_like(getattr(enc_i, n)) for n in names_i if need_i[n]}
+        acc_t = {n: torch.zeros_like(getattr(enc_t, n)) for n in names_t if need_t[n]}
+        acc_p: list[Optional[torch.Tensor]] = [None] * len(params)
+        G = G.detach()
+        ii, jj = torch.nonzero(G, as_tuple=True)  # (Q,) pairs with a gradient
+        zero = len(ii) == 0
+        if zero:  # one pair with a zero gradient: the pair-work parameters still get (zero) gradients, as DDP expects
+            ii, jj = ii.new_zeros(1), jj.new_zeros(1)
+        lengths = trim_lengths(model, enc_t)  # (Nt,) CPU, or None: captions are not cut
+        ni = len(enc_i)
+        if lengths is not None:
+            lengths = lengths.to(ii.device)
+            order = torch.sort(lengths[jj] * ni + ii, stable=True).indices  # by caption length, then image
+            ii, jj = ii[order], jj[order]
+            run_len = lengths[jj].cpu()
+        budget = spec.budget_mb * 2**20
+        autocast = torch.autocast(ctx.device_type, dtype=ctx.autocast[1]) if ctx.autocast[0] else nullcontext()
+        q, per_length = 0, {}
+        while q < len(ii):
+            n = None if lengths is None else int(run_len[q])
+            end = len(ii) if lengths is None else int(torch.searchsorted(run_len, n, right=True))
+            txt_src = enc_t if n is None else enc_t.trim(n)
+            if n not in per_length:
+                per_length[n] = max(1, int(budget // max(1, train_pair_bytes(model, enc_i, txt_src))))
+            for c0 in range(q, end, per_length[n]):
+                ci, cj = ii[c0:min(end, c0 + per_length[n])], jj[c0:min(end, c0 + per_length[n])]
+                with torch.enable_grad(), autocast:
+                    img = dataclasses.replace(enc_i, **{k: _gathered_leaf(getattr(enc_i, k), ci, need_i[k]) for k in names_i})
+                    txt = dataclasses.replace(txt_src, **{k: _gathered_leaf(getattr(txt_src, k), cj, need_t[k])
+                                                          for k in names_t})
+                    s = model.score_pairs(img, txt)  # (P,)
+                    leaves = [(acc_i[k], getattr(img, k), ci) for k in acc_i] + \
+                             [(acc_t[k], getattr(txt, k), cj) for k in acc_t]
+                    wrt = [x for _, x, _ in leaves] + [p for p, nd in zip(params, needs[n_enc:]) if nd]
+                    g_out = torch.zeros_like(s) if zero else G[ci, cj].to(s.dtype)
+                    grads = torch.autograd.grad(s, wrt, g_out, allow_unused=True)
+                for (acc, x, idx), g in zip(leaves, grads):
+                    if g is not None:
+                        target = acc if x.shape[1:] == acc.shape[1:] else acc[:, :x.shape[1]]  # cut captions
+                        target.index_add_(0, idx, g.to(acc.dtype))
+                pg = iter(grads[len(leaves):])
+                for k, nd in enumerate(needs[n_enc:]):
+                    if nd:
+                        g = next(pg)
+                        if g is not None:
+                            acc_p[k] = g if acc_p[k] is None else acc_p[k].add_(g)
+                del img, txt, s, grads
+            q = end
+        out_i = [acc_i.get(n) for n in names_i]
+        out_t = [acc_t.get(n) for n in names_t]
+        return (None, *out_i, *out_t, *acc_p)
+
+
+def score_all_train(model: nn.Module, enc_images: Any, enc_texts: Any, memory_budget_mb: float = 512.0,
+                    dense_gradient: bool = False) -> torch.Tensor:
+    """All-pairs scores of a training batch -> (Ni, Nt), differentiable, in bounded memory.
+
+    enc_images (Ni), enc_texts (Nt): encodings made with gradients (model.encode_image / encode_text in training
+    mode). The forward is `score_all` (the fast path, blocks of `memory_budget_mb`); the backward recomputes
+    only the pairs whose gradient is non-zero, through `model.score_pairs`, in chunks of `memory_budget_mb`
+    (see _TrainScores). The scores equal `model.score(enc_images, enc_texts)` (the plain path) up to float
+    rounding, and so do the gradients. Peak working memory: the budget, the encodings and their gradients,
+    and the (Ni, Nt) matrix, whatever Ni and Nt.
+
+    dense_gradient: the caller expects most pairs to get a gradient (sum / smooth losses early in training);
+    then, if the plain path's activations of all Ni x Nt pairs fit the budget, it is used instead: it stores
+    what the recomputation would redo.
+    """
+    if dense_gradient and len(enc_images) * len(enc_texts) * train_pair_bytes(model, enc_images, enc_texts) \
+            <= memory_budget_mb * 2**20:
+        return model.score(enc_images, enc_texts)
+    params = [p for p in model.parameters() if p.requires_grad]
+    spec = _TrainSpec(model, enc_images, enc_texts, memory_budget_mb, len(params))
+    return _TrainScores.apply(spec, *spec.flatten(enc_images, enc_texts), *params)

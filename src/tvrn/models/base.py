@@ -96,6 +96,9 @@ def inference_gram(x: torch.Tensor) -> Optional[torch.Tensor]:
     return None if torch.is_grad_enabled() else gram(x)
 
 
+WORD_AXIS_FIELDS = ("words", "mask", "ctx_queries", "refined", "refined_local", "drop_local")  # dim 1 is L
+
+
 @dataclass
 class EncodedTexts(_Encoded):
     """Per-caption work of Nt captions.
@@ -108,6 +111,9 @@ class EncodedTexts(_Encoded):
     hidden:     (Nt, D) refinement GRU state after the caption's real words (module 2), or None
     refined:    (Nt, L, D) first half of the refined TRs, l2(z_t + T_t) (module 2), or None
     refined_local: (Nt, L, D) the text pooling's local embedding of `refined` (module 2), or None
+    drop_local: (Nt, L, D) dropout keep-mask of the text pooling's local embedding of the second half of T_ref
+                (per pair work), drawn once per caption in training; None in eval mode or without dropout
+    drop_glob:  (Nt, D) dropout keep-mask of the text pooling's guide vector of the per-pair t_glo, or None
     """
 
     words: torch.Tensor
@@ -117,11 +123,13 @@ class EncodedTexts(_Encoded):
     hidden: Optional[torch.Tensor] = None
     refined: Optional[torch.Tensor] = None
     refined_local: Optional[torch.Tensor] = None
+    drop_local: Optional[torch.Tensor] = None
+    drop_glob: Optional[torch.Tensor] = None
 
     def trim(self, n: int) -> "EncodedTexts":
         """Keep the first n word positions of every field with a word axis (dim 1)."""
-        return replace(self, **{k: getattr(self, k)[:, :n] for k in ("words", "mask", "ctx_queries", "refined",
-                                                                     "refined_local") if getattr(self, k) is not None})
+        return replace(self, **{k: getattr(self, k)[:, :n] for k in WORD_AXIS_FIELDS
+                                if getattr(self, k) is not None})
 
     def length_groups(self) -> Optional[list[tuple[torch.Tensor | slice, int]]]:
         """Captions grouped by length: [(indices (n_g,) long, or a slice when the group is contiguous, length)],
@@ -139,10 +147,26 @@ class EncodedTexts(_Encoded):
         return groups
 
 
+def grid_layout(images: EncodedImages, texts: EncodedTexts) -> tuple[EncodedImages, EncodedTexts]:
+    """Views for all pairs: image fields (Ni, 1, ...), caption fields (1, Nt, ...), so that code written for
+    aligned pairs (leading axis P) broadcasts to the (Ni, Nt) grid. Not item-sliceable any more."""
+    return (replace(images, **{f.name: getattr(images, f.name)[:, None] for f in fields(images)
+                               if isinstance(getattr(images, f.name), torch.Tensor)}),
+            replace(texts, **{f.name: getattr(texts, f.name)[None] for f in fields(texts)
+                              if isinstance(getattr(texts, f.name), torch.Tensor)}))
+
+
 class RetrievalModel(nn.Module):
-    """Base of every model: encode_image, encode_text, score (Ni, Nt), forward = score of the encodings."""
+    """Base of every model: encode_image, encode_text, score (Ni, Nt), forward = score of the encodings.
+
+    Models with pair work worth blocking (TVRN, SGRAF, SCAN) also define `score_pairs(images, texts) -> (P,)`,
+    the plain equations for aligned pairs (images[p], texts[p]); the training path
+    (`tvrn.scoring.score_all_train`) scores the whole (B, B) matrix with the fast inference path and, in
+    backward, recomputes only the pairs whose gradient is non-zero through `score_pairs`.
+    """
 
     config: ModelConfig
+    blocked_training = True  # forward(..., memory_budget_mb=X) trains through score_all_train
 
     def encode_image(self, images) -> EncodedImages:
         raise NotImplementedError
@@ -153,11 +177,32 @@ class RetrievalModel(nn.Module):
     def score(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, images, texts, return_shortlist: bool = False):
+    def score_pairs(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
+        """(P,) scores of the aligned pairs (images[p], texts[p]); autograd-friendly."""
+        raise NotImplementedError
+
+    def inference_encodings(self, images: EncodedImages) -> EncodedImages:
+        """Encodings made with gradients, plus the per-image fields only the inference fast path reads
+        (computed here without gradients); identity by default."""
+        return images
+
+    def forward(self, images, texts, return_shortlist: bool = False, memory_budget_mb: Optional[float] = None,
+                dense_gradient: bool = False):
         """ImageBatch (Ni), TextBatch (Nt) -> scores (Ni, Nt); with return_shortlist also the (Ni, Nt) cosines of
-        the shortlist embeddings (for the trainer's auxiliary loss; one forward, so DDP sees both)."""
+        the shortlist embeddings (for the trainer's auxiliary loss; one forward, so DDP sees both).
+
+        memory_budget_mb: with gradients, score through `tvrn.scoring.score_all_train` (pair work in blocks of
+        this much working memory, recomputed in backward where the gradient is non-zero; with dense_gradient
+        the plain path when it fits the budget); None: the plain path, which keeps the activations of every
+        pair for backward."""
         enc_i, enc_t = self.encode_image(images), self.encode_text(texts)
-        scores = self.score(enc_i, enc_t)
+        if memory_budget_mb is not None and self.blocked_training and torch.is_grad_enabled():
+            from ..scoring import score_all_train
+
+            scores = score_all_train(self, enc_i, enc_t, memory_budget_mb=memory_budget_mb,
+                                     dense_gradient=dense_gradient)
+        else:
+            scores = self.score(enc_i, enc_t)
         if not return_shortlist:
             return scores
         short = self.shortlist_embed_image(enc_i) @ self.shortlist_embed_text(enc_t).t()  # (Ni, D) @ (D, Nt)

@@ -98,6 +98,11 @@ class SelfAttentionPool(nn.Module):
     e_n = drop(tanh(norm(W_l x_n))), e_g = drop(tanh(norm(W_g mean(x)))). `norm` is LayerNorm over D (the
     official VisualSA's BatchNorm sized to 72 tokens depends on the token count and on the other images of the
     batch) or none (TextSA). Works for any N.
+
+    Dropout is the module's own (fresh masks per call) unless explicit keep-masks are given (`dropout_mask`):
+    TVRN pools per pair, and its training path computes a pair's score twice (a fast pass, then the
+    recomputation its backward needs), so the masks are drawn once per caption and travel with the caption's
+    encodings: both passes, and every image the caption is paired with, use the same ones.
     """
 
     def __init__(self, dim: int, dropout: float, layer_norm: bool):
@@ -109,13 +114,29 @@ class SelfAttentionPool(nn.Module):
         self.common = nn.Linear(dim, 1, bias=False)  # a bias would cancel in the softmax (SGRAF has one)
         self.drop = nn.Dropout(dropout)
 
-    def embed_local(self, x):
-        """(..., N, D) -> (..., N, D); per token, so a caller may precompute it for a fixed part of x."""
-        return self.drop(torch.tanh(self.local_norm(self.local(x))))
+    def dropout_mask(self, shape, like: torch.Tensor) -> torch.Tensor | None:
+        """Scaled keep-mask of `shape` (0 or 1 / (1 - p), like nn.Dropout), or None when dropout is inactive
+        (eval mode or p = 0)."""
+        p = self.drop.p
+        if not self.training or p == 0:
+            return None
+        return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p).div_(1 - p)
 
-    def forward(self, x, mask, local=None):
+    def embed_local(self, x, drop: torch.Tensor | None = None):
+        """(..., N, D) -> (..., N, D); per token, so a caller may precompute it for a fixed part of x.
+        drop: keep-mask broadcastable to the output, or None (the module's dropout)."""
+        e = torch.tanh(self.local_norm(self.local(x)))
+        return self.drop(e) if drop is None else e * drop
+
+    def embed_global(self, mean, drop: torch.Tensor | None = None):
+        """Guide vector e_g (..., D) from the token mean (..., D); drop as in embed_local."""
+        e = torch.tanh(self.glob_norm(self.glob(mean)))
+        return self.drop(e) if drop is None else e * drop
+
+    def forward(self, x, mask, local=None, drop_glob: torch.Tensor | None = None):
+        """local: e_n (..., N, D) if the caller has it; drop_glob: keep-mask of e_g, or None."""
         mask = mask.expand(x.shape[:-1])  # (..., N)
-        e_g = self.drop(torch.tanh(self.glob_norm(self.glob(masked_mean(x, mask)))))  # (..., D)
+        e_g = self.embed_global(masked_mean(x, mask), drop_glob)  # (..., D)
         e_l = self.embed_local(x) if local is None else local  # (..., N, D)
         w = self.common(e_l * e_g.unsqueeze(-2)).squeeze(-1)  # (..., N)
         w = masked_softmax(w, mask)  # (..., N)

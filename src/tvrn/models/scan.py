@@ -5,12 +5,13 @@ Per image: V = l2(FC(F)) (Ni, R, D). Per caption: T (Nt, L, D). Per pair: attent
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .base import EncodedImages, EncodedTexts, RetrievalModel, inference_gram
+from .base import EncodedImages, EncodedTexts, RetrievalModel, gram, inference_gram
 from .config import ModelConfig
 from .layers import EPS, NEG, RegionEncoder, attention_weights, l2norm
 from .text import build_text_encoder
@@ -83,19 +84,36 @@ class SCAN(RetrievalModel):
         return (cos * qmask).sum(-1) / qmask.sum(-1).clamp_min(1)
 
     def _score_plain(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
-        """The plain computation (autograd, training): attended vectors, cosines, aggregation."""
+        """The plain computation (autograd, training) for all pairs (Ni, Nt)."""
+        return self._pair_core(images.regions[:, None], images.mask[:, None], texts.words[None], texts.mask[None])
+
+    def score_pairs(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
+        """(P,) scores of the aligned pairs (images[p], texts[p]): the plain path with one pair axis."""
+        if len(images) != len(texts):
+            raise ValueError(f"score_pairs needs as many images as captions, got {len(images)} and {len(texts)}")
+        return self._pair_core(images.regions, images.mask, texts.words, texts.mask)
+
+    def inference_encodings(self, images: EncodedImages) -> EncodedImages:
+        """Adds V V^T (Ni, R, R), which the t2i fast path reads, to encodings made with gradients."""
+        if self.config.direction != "t2i" or images.units_gram is not None:
+            return images
+        with torch.no_grad():
+            return replace(images, units_gram=gram(images.regions.detach()))
+
+    def _pair_core(self, V, vmask, T, tmask) -> torch.Tensor:
+        """Attended vectors, cosines, aggregation for broadcastable regions V (.., R, D), vmask (.., R), words
+        T (.., L, D), tmask (.., L) -> scores (broadcast leading shape)."""
         c = self.config
-        V, vmask, T, tmask = images.regions, images.mask, texts.words, texts.mask
         if c.direction == "t2i":  # queries: words, context: regions
-            q, ctx, qmask, cmask = T[None], V[:, None], tmask[None, :], vmask[:, None]  # (1,Nt,L,D), (Ni,1,R,D)
+            q, ctx, qmask, cmask = T, V, tmask, vmask
         else:  # queries: regions, context: words
-            q, ctx, qmask, cmask = V[:, None], T[None], vmask[:, None], tmask[None, :]  # (Ni,1,R,D), (1,Nt,L,D)
-        s = q @ ctx.transpose(-1, -2)  # (Ni, Nt, Lq, Lc)
-        m = qmask[..., :, None] & cmask[..., None, :]  # (Ni, Nt, Lq, Lc)
-        a = attention_weights(s, m, c.lambda_softmax)  # (Ni, Nt, Lq, Lc)
-        attended = l2norm(a @ ctx)  # (Ni, Nt, Lq, Lc) @ (., ., Lc, D) -> (Ni, Nt, Lq, D)
-        cos = (attended * q).sum(-1)  # (Ni, Nt, Lq)
-        return self._aggregate(cos, qmask)  # (Ni, Nt)
+            q, ctx, qmask, cmask = V, T, vmask, tmask
+        s = q @ ctx.transpose(-1, -2)  # (.., Lq, D) @ (.., D, Lc) -> (.., Lq, Lc)
+        m = qmask[..., :, None] & cmask[..., None, :]  # (.., Lq, Lc)
+        a = attention_weights(s, m, c.lambda_softmax)  # (.., Lq, Lc)
+        attended = l2norm(a @ ctx)  # (.., Lq, Lc) @ (.., Lc, D) -> (.., Lq, D)
+        cos = (attended * q).sum(-1)  # (.., Lq)
+        return self._aggregate(cos, qmask)
 
 
 def scan_cross_attention(C: torch.Tensor, cmask, Q: torch.Tensor, qmask, lam: float,

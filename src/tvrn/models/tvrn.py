@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import EncodedImages, EncodedTexts, RetrievalModel, gram, inference_gram
+from dataclasses import replace
+
+from .base import EncodedImages, EncodedTexts, RetrievalModel, gram, grid_layout, inference_gram
 from .config import ModelConfig
 from .layers import (EPS, NEG, Attention, AttentionFiltration, GraphReasoning, RegionEncoder, SelfAttentionPool,
                      attention_weights, gru_input, gru_scan, gru_scan_dense, init_linears, l2norm, pair_mask,
@@ -121,31 +123,43 @@ class TVRN(RetrievalModel):
             enc.refined = l2norm(z + T) * mask.unsqueeze(-1)  # (Nt, L, D) steps 1..L of T_ref
             if self.config.global_node:
                 enc.refined_local = self.text_pool.embed_local(enc.refined)  # (Nt, L, D)
+                # t_glo is per pair: its dropout masks are drawn here, once per caption (None in eval mode)
+                enc.drop_local = self.text_pool.dropout_mask(T.shape, T)  # (Nt, L, D)
+                enc.drop_glob = self.text_pool.dropout_mask(T.shape[:1] + T.shape[2:], T)  # (Nt, D)
         return enc
 
+    def inference_encodings(self, images: EncodedImages) -> EncodedImages:
+        """Adds U U^T (Ni, R', R'), which the fast path reads, to encodings made with gradients."""
+        if images.units_gram is not None:
+            return images
+        with torch.no_grad():
+            return replace(images, units_gram=gram(images.units.detach()))
+
     # ---------------------------------------------------------------- per pair
-    def _refine(self, images: EncodedImages, texts: EncodedTexts):
-        """Module 2 for all pairs: T_ref (Ni, Nt, 2L, D), its mask (Nt, 2L), t_glo (Ni, Nt, D) or None."""
-        Ni = len(images)
+    # The plain path is written once, for aligned pairs with leading axes `lead`: image fields (*lead, ...) and
+    # caption fields (*lead, ...) that broadcast against each other. score_pairs passes P aligned pairs
+    # (lead = (P,)); _score_plain passes grid views (images (Ni, 1, ...), captions (1, Nt, ...), lead = (Ni, Nt)).
+    def _refine(self, I: EncodedImages, T: EncodedTexts, lead):
+        """Module 2: T_ref (*lead, 2L, D), its mask (.., 2L), t_glo (*lead, D) or None."""
         # E = Attn(T_ctx, C^(k)): queries Wq T_ctx per caption, keys Wk C per image
-        s = texts.ctx_queries[None] @ images.ctx_keys[:, None].transpose(-1, -2)  # (1,Nt,L,D)@(Ni,1,D,R) -> (Ni,Nt,L,R)
-        m = texts.mask[None, :, :, None] & images.mask[:, None, None, :]  # (Ni, Nt, L, R)
-        a = attention_weights(s, m, self.config.lambda_softmax)  # (Ni, Nt, L, R)
+        s = T.ctx_queries @ I.ctx_keys.transpose(-1, -2)  # (.., L, D) @ (.., D, R) -> (*lead, L, R)
+        m = T.mask[..., :, None] & I.mask[..., None, :]  # (*lead, L, R)
+        a = attention_weights(s, m, self.config.lambda_softmax)  # (*lead, L, R)
         # GRU input gates of E = l2(sum_r a_r C_r) without forming E: W_ih E = (sum_r a_r W_ih C_r) / ||sum_r a_r C_r||
-        sq = ((a @ images.ctx_gram[:, None]) * a).sum(-1)  # (Ni,Nt,L,R)@(Ni,1,R,R) -> (Ni,Nt,L,R) -> (Ni,Nt,L)
-        gi = a @ images.ctx_gates[:, None]  # (Ni,Nt,L,R)@(Ni,1,R,3D) -> (Ni,Nt,L,3D)
-        gi = gi / (sq.clamp_min(0).sqrt() + EPS).unsqueeze(-1) + self.refine_gru.bias_ih  # (Ni, Nt, L, 3D)
+        sq = ((a @ I.ctx_gram) * a).sum(-1)  # (*lead, L, R) @ (.., R, R) -> (*lead, L, R) -> (*lead, L)
+        gi = a @ I.ctx_gates  # (*lead, L, R) @ (.., R, 3D) -> (*lead, L, 3D)
+        gi = gi / (sq.clamp_min(0).sqrt() + EPS).unsqueeze(-1) + self.refine_gru.bias_ih  # (*lead, L, 3D)
         # steps L+1..2L continue from the caption's hidden state (computed once per caption)
-        z, _ = gru_scan(self.refine_gru, gi, texts.mask[None], texts.hidden[None])  # (Ni, Nt, L, D)
-        second = l2norm(z + texts.words[None]) * texts.mask[None, :, :, None]  # (Ni, Nt, L, D)
-        first = texts.refined[None].expand(Ni, -1, -1, -1)  # (Ni, Nt, L, D)
-        T_ref = torch.cat([first, second], 2)  # (Ni, Nt, 2L, D)
-        tmask = torch.cat([texts.mask, texts.mask], 1)  # (Nt, 2L)
+        z, _ = gru_scan(self.refine_gru, gi, T.mask, T.hidden)  # (*lead, L, D)
+        second = l2norm(z + T.words) * T.mask[..., None]  # (*lead, L, D)
+        L, D = second.shape[-2:]
+        T_ref = torch.cat([T.refined.expand(*lead, L, D), second], -2)  # (*lead, 2L, D)
+        tmask = torch.cat([T.mask, T.mask], -1)  # (.., 2L)
         if not self.config.global_node:
             return T_ref, tmask, None
-        local = torch.cat([texts.refined_local[None].expand(Ni, -1, -1, -1),
-                           self.text_pool.embed_local(second)], 2)  # (Ni, Nt, 2L, D)
-        t_glo = self.text_pool(T_ref, tmask, local=local)  # (Ni, Nt, D)
+        local = torch.cat([T.refined_local.expand(*lead, L, D),
+                           self.text_pool.embed_local(second, T.drop_local)], -2)  # (*lead, 2L, D)
+        t_glo = self.text_pool(T_ref, tmask, local=local, drop_glob=T.drop_glob)  # (*lead, D)
         return T_ref, tmask, t_glo
 
     def score(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
@@ -164,30 +178,39 @@ class TVRN(RetrievalModel):
         return out
 
     def _score_plain(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
-        """The masked, autograd-friendly computation, written like the equations (DESIGN 3)."""
+        """The masked, autograd-friendly computation for all pairs (Ni, Nt), written like the equations."""
+        return self._pair_core(*grid_layout(images, texts), (len(images), len(texts)))
+
+    def score_pairs(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
+        """(P,) scores of the aligned pairs (images[p], texts[p]): the plain path with one pair axis."""
+        if len(images) != len(texts):
+            raise ValueError(f"score_pairs needs as many images as captions, got {len(images)} and {len(texts)}")
+        return self._pair_core(images, texts, (len(images),))
+
+    def _pair_core(self, I: EncodedImages, T: EncodedTexts, lead) -> torch.Tensor:
+        """DESIGN 3's pair side for broadcastable image / caption fields -> scores (*lead)."""
         c = self.config
-        Ni, Nt = len(images), len(texts)
-        U, umask, g = images.units, images.units_mask, images.glob  # (Ni, R', D), (Ni, R'), (Ni, D)
+        U, umask, g = I.units, I.units_mask, I.glob  # (.., R', D), (.., R'), (.., D)
         if c.refine_text:
-            T_ref, tmask, t_glo = self._refine(images, texts)  # (Ni, Nt, L', D), (Nt, L'), (Ni, Nt, D)
+            T_ref, tmask, t_glo = self._refine(I, T, lead)  # (*lead, L', D), (.., L'), (*lead, D)
         else:
-            T_ref, tmask, t_glo = texts.words[None], texts.mask, texts.glob[None]  # (1, Nt, L, D), (Nt, L), (1, Nt, D)
-        Lw = tmask.shape[1]
+            T_ref, tmask, t_glo = T.words, T.mask, T.glob  # (.., L, D), (.., L), (.., D)
         # module 3 (gates off: SGRAF's text-to-image attention): words attend the unified IRs
-        s = T_ref @ U[:, None].transpose(-1, -2)  # (., Nt, L', D) @ (Ni, 1, D, R') -> (Ni, Nt, L', R')
-        m = tmask[None, :, :, None] & umask[:, None, None, :]  # (Ni, Nt, L', R')
-        bias = images.gate[:, None, None, :] if c.global_gates else None  # (Ni, 1, 1, R') log gate_r
-        a = attention_weights(s, m, c.lambda_softmax, bias)  # (Ni, Nt, L', R') prop. to a[i, r] * gate_r
-        U_hat = l2norm(a @ U[:, None])  # (Ni, Nt, L', R') @ (Ni, 1, R', D) -> (Ni, Nt, L', D)
+        s = T_ref @ U.transpose(-1, -2)  # (.., L', D) @ (.., D, R') -> (*lead, L', R')
+        m = tmask[..., :, None] & umask[..., None, :]  # (*lead, L', R')
+        bias = I.gate[..., None, :] if c.global_gates else None  # (.., 1, R') log gate_r
+        a = attention_weights(s, m, c.lambda_softmax, bias)  # (*lead, L', R') prop. to a[i, r] * gate_r
+        U_hat = l2norm(a @ U)  # (*lead, L', R') @ (.., R', D) -> (*lead, L', D)
         # similarity encoding: local node per word, global node
-        nodes = l2norm(self.sim_local((U_hat - T_ref) ** 2))  # (Ni, Nt, L', S)
-        nmask = tmask[None].expand(Ni, Nt, Lw)  # (Ni, Nt, L')
+        nodes = l2norm(self.sim_local((U_hat - T_ref) ** 2))  # (*lead, L', S)
+        nmask = tmask.expand(*lead, tmask.shape[-1])  # (*lead, L')
         if c.global_node:
-            glo = l2norm(self.sim_global((g[:, None] - t_glo) ** 2))  # (Ni, Nt, S)
-            nodes = torch.cat([glo[:, :, None], nodes], 2)  # (Ni, Nt, 1 + L', S)
-            nmask = torch.cat([nmask.new_ones(Ni, Nt, 1), nmask], 2)  # (Ni, Nt, 1 + L')
-        vec = self.reason(nodes.flatten(0, 1), nmask.flatten(0, 1), read_global=c.global_node)  # (Ni*Nt, S)
-        return torch.sigmoid(self.sim_eval(vec)).view(Ni, Nt)  # (Ni*Nt, 1) -> (Ni, Nt)
+            glo = l2norm(self.sim_global((g - t_glo) ** 2))  # (*lead, S)
+            nodes = torch.cat([glo.unsqueeze(-2), nodes], -2)  # (*lead, 1 + L', S)
+            nmask = torch.cat([nmask.new_ones(*lead, 1), nmask], -1)  # (*lead, 1 + L')
+        n, S = nodes.shape[-2:]
+        vec = self.reason(nodes.reshape(-1, n, S), nmask.reshape(-1, n), read_global=c.global_node)  # (prod(lead), S)
+        return torch.sigmoid(self.sim_eval(vec)).view(lead)
 
     # ---------------------------------------------------------------- per pair, inference
     def _refine_dense(self, images: EncodedImages, texts: EncodedTexts, rmask):
@@ -221,10 +244,11 @@ class TVRN(RetrievalModel):
         pool, first, first_local = self.text_pool, texts.refined, texts.refined_local  # (Nt, n, D) x2
         Ni, Nt, n, D = second.shape
         mean = (first.sum(1)[None] + second.sum(2)) / (2 * n)  # (Ni, Nt, D)
-        e_g = pool.drop(torch.tanh(pool.glob_norm(pool.glob(mean))))  # (Ni, Nt, D)
+        drop_g, drop_l = (None if x is None else x[None] for x in (texts.drop_glob, texts.drop_local))  # per caption
+        e_g = pool.embed_global(mean, drop_g)  # (Ni, Nt, D)
         u = e_g * pool.common.weight[0]  # (Ni, Nt, D): w_t = <e_t, u>
         w1 = torch.bmm(first_local, u.permute(1, 2, 0)).permute(2, 0, 1)  # (Nt,n,D)@(Nt,D,Ni) -> (Ni, Nt, n)
-        w2 = torch.bmm(pool.embed_local(second).view(Ni * Nt, n, D), u.view(Ni * Nt, D, 1))  # (P, n, 1)
+        w2 = torch.bmm(pool.embed_local(second, drop_l).view(Ni * Nt, n, D), u.view(Ni * Nt, D, 1))  # (P, n, 1)
         w = torch.softmax(torch.cat([w1, w2.view(Ni, Nt, n)], -1), -1)  # (Ni, Nt, 2n)
         t = torch.bmm(w[..., :n].transpose(0, 1), first).transpose(0, 1)  # (Nt,Ni,n)@(Nt,n,D) -> (Ni, Nt, D)
         t = t + torch.bmm(w[..., n:].reshape(Ni * Nt, 1, n), second.view(Ni * Nt, n, D)).view(Ni, Nt, D)

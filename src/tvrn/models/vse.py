@@ -17,6 +17,8 @@ def _pool(x, mask, how):
 
 
 class VSE(RetrievalModel):
+    blocked_training = False  # pair work is one (B, B) matmul: plain autograd is already exact and minimal
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -35,6 +37,10 @@ class VSE(RetrievalModel):
 
     def score(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
         return images.glob @ texts.glob.T  # (Ni, D) @ (D, Nt) -> (Ni, Nt)
+
+    def score_pairs(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
+        """(P,) cosines of the aligned pairs (images[p], texts[p])."""
+        return (images.glob * texts.glob).sum(-1)
 
     def pair_bytes(self, images: EncodedImages, texts: EncodedTexts) -> int:
         return 8  # one float score (+ slack)

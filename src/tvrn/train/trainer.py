@@ -77,6 +77,10 @@ class TrainConfig:
     find_unused_parameters: bool = False  # DDP: needed when some modules are switched off in the forward
     tensorboard: bool = True  # also log to TensorBoard when the tensorboard package is importable
     out_dir: str = "runs/tvrn"  # checkpoints, config.json and metrics.jsonl go here
+    memory_budget_mb: Optional[float] = 512.0  # working memory of a step's pair work: the (B, B) scores in blocks
+                                               # (fast path), recomputed in backward where the gradient is non-zero
+                                               # (tvrn.scoring.score_all_train); null: the plain path, which keeps
+                                               # the activations of all B x B pairs
     shortlist_loss_weight: float = 0.0  # > 0: add weight * sum-hinge loss on the (B, B) cosines of the model's
                                        # shortlist embeddings, which two-stage search uses (tvrn.search)
 
@@ -100,6 +104,39 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
 
     keys = config_differences(saved or {}, current)
     return [k for k in keys if not (k.startswith("train.") and k[len("train."):] in RESUME_MAY_CHANGE)]
+
+
+class ScorePath:
+    """Chooses, per step, how the model scores the (B, B) batch (tvrn.scoring.score_all_train): the fast forward
+    with recomputation of the pairs that get a gradient, or, when most pairs get one and all of them fit the
+    budget, the plain path (storing costs less than recomputing then). The gradient density of the last step
+    (share of non-zero dL/dS) decides; before the first step, the loss: the hardest-negative loss gives at most
+    3B non-zero entries, the sum and smooth losses nearly B^2 from a random start.
+
+    budget_mb None: the model's forward without a budget (the plain path, or a model without blocked training).
+    """
+
+    DENSE = 0.3  # density above which the plain path is taken when it fits: on the synthetic benchmark's demo
+                 # sizes recomputation breaks even with storing at 0.35-0.47 (TVRN, SCAN) of the pairs
+
+    def __init__(self, budget_mb: Optional[float], sparse_loss: bool) -> None:
+        self.budget_mb, self.sparse_loss = budget_mb, sparse_loss
+        self.density: Optional[float] = None
+
+    def forward_kwargs(self, warmup: bool) -> dict:
+        """Keyword arguments of model.forward for this step (warmup: the sum loss of train.sum_loss_epochs)."""
+        if self.budget_mb is None:
+            return {}
+        dense = self.density >= self.DENSE if self.density is not None else (warmup or not self.sparse_loss)
+        return {"memory_budget_mb": self.budget_mb, "dense_gradient": dense}
+
+    def watch(self, scores: torch.Tensor) -> None:
+        """Record the gradient density of this step's scores when backward reaches them."""
+        if scores.requires_grad:
+            scores.register_hook(self._record)
+
+    def _record(self, grad: torch.Tensor) -> None:
+        self.density = float((grad != 0).float().mean())
 
 
 def seed_everything(seed: int) -> None:
@@ -190,6 +227,9 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=cfg.tensorboard)
+        blocked = getattr(_unwrap(self.model), "blocked_training", False) and cfg.memory_budget_mb is not None
+        self.score_path = ScorePath(cfg.memory_budget_mb if blocked else None,
+                                    sparse_loss=cfg.loss_mode == "max" and isinstance(self.loss_fn, ContrastiveLoss))
 
     def _config_dict(self) -> dict:
         mcfg = getattr(_unwrap(self.model), "config", None)
@@ -231,12 +271,14 @@ class Trainer:
         cfg = self.config
         batch = batch.to(self.device)
         amp = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+        kw = self.score_path.forward_kwargs(self._epoch < cfg.sum_loss_epochs)
         with amp:
             if cfg.shortlist_loss_weight > 0:  # (B, B) scores and shortlist cosines, one forward through DDP
-                scores, short = self.ddp(batch.images, batch.texts, return_shortlist=True)
+                scores, short = self.ddp(batch.images, batch.texts, return_shortlist=True, **kw)
             else:
-                scores, short = self.ddp(batch.images, batch.texts), None  # (B, B) through forward: DDP syncs grads
+                scores, short = self.ddp(batch.images, batch.texts, **kw), None  # (B, B): DDP syncs grads
         loss_fn = self.warmup_loss_fn if self._epoch < cfg.sum_loss_epochs else self.loss_fn
+        self.score_path.watch(scores)
         loss = loss_fn(scores.float(), batch.image_ids)
         if short is not None:
             loss = loss + cfg.shortlist_loss_weight * self.warmup_loss_fn(short.float(), batch.image_ids)
