@@ -302,8 +302,9 @@ def score_all(
     out_device: torch.device | str = "cpu",
     autocast_dtype: Optional[torch.dtype] = None,
     progress: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Score every image against every caption -> (Ni, Nt) float32 on `out_device` (default CPU).
+    """Score every image against every caption -> (Ni, Nt) `out_dtype` (float32) on `out_device` (default CPU).
 
     enc_images: EncodedImages (Ni items); enc_texts: EncodedTexts (Nt items), from encode_images / encode_texts.
     Blocks of Bi x Bt pairs (see plan_blocks) are moved to `device` (default: the model's device), scored with
@@ -312,7 +313,7 @@ def score_all(
     """
     device = torch.device(device) if device is not None else _model_device(model)
     ni, nt = len(enc_images), len(enc_texts)
-    out = torch.empty((ni, nt), dtype=torch.float32, device=out_device)
+    out = torch.empty((ni, nt), dtype=out_dtype, device=out_device)
     if ni == 0 or nt == 0:
         return out
     order, plan = block_plan(model, enc_images, enc_texts, block_images, block_texts, memory_budget_mb)
@@ -341,9 +342,9 @@ def score_all(
                             f"model.score returned {tuple(block.shape)} for {len(imgs)} images x {len(txts)} captions"
                         )
                     if out_cols is None:
-                        out[i0 : i0 + bi_block, p0:p1] = block.float().to(out_device)
+                        out[i0 : i0 + bi_block, p0:p1] = block.to(out.device, out.dtype)
                     else:
-                        out[i0 : i0 + bi_block].index_copy_(1, out_cols, block.float().to(out_device))
+                        out[i0 : i0 + bi_block].index_copy_(1, out_cols, block.to(out.device, out.dtype))
                     del imgs, block
                     if bar is not None:
                         bar.update(1)
@@ -411,6 +412,12 @@ def _gathered_leaf(t: torch.Tensor, idx: torch.Tensor, needs_grad: bool) -> torc
     return x.requires_grad_(needs_grad and x.is_floating_point())
 
 
+def _float_dtype(tensors) -> torch.dtype:
+    """The widest floating dtype among the encodings (float64 models score in float64)."""
+    dtypes = [t.dtype for t in tensors if t.is_floating_point()]
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 class _TrainScores(torch.autograd.Function):
     """S = all-pairs scores of a training batch, differentiable in the encodings and the pair-work parameters.
 
@@ -429,8 +436,10 @@ class _TrainScores(torch.autograd.Function):
         ctx.spec, ctx.device_type = spec, device.type
         ctx.autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         ctx.save_for_backward(*tensors)
+        dtype = _float_dtype(tensors)
         return score_all(spec.model, spec.model.inference_encodings(enc_i), enc_t,
-                         memory_budget_mb=spec.budget_mb, device=device, out_device=device)
+                         memory_budget_mb=spec.budget_mb, device=device, out_device=device,
+                         out_dtype=dtype)
 
     @staticmethod
     def backward(ctx, G):

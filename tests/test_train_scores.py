@@ -1,0 +1,196 @@
+"""The training path's scores (tvrn.scoring.score_all_train) against the plain path: same scores, same
+gradients, every model; only pairs with a gradient are recomputed, in chunks that fit the budget."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from test_models import MODELS, build, make_images, make_texts, pad_images, pad_texts
+from tvrn.data.batch import PairBatch
+from tvrn.losses import ContrastiveLoss
+from tvrn.scoring import score_all_train, train_pair_bytes
+
+
+def _double(images, texts):
+    return replace(images, features=images.features.double()), texts
+
+
+def _step(model, images, texts, blocked, weights=None, loss_mode=None, budget=0.02, seed=5):
+    """One forward + backward -> (scores, {param: grad}, (grad of the image / caption encodings))."""
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same dropout masks in both paths
+    ei, et = model.encode_image(images), model.encode_text(texts)
+    for t in (ei.units if ei.units is not None else ei.regions, et.words):
+        t.retain_grad()
+    S = score_all_train(model, ei, et, memory_budget_mb=budget) if blocked else model.score(ei, et)
+    if loss_mode is not None:
+        loss = ContrastiveLoss(0.2, loss_mode)(S, torch.arange(len(images)) % 3)  # repeated images: positives
+    else:
+        loss = (S * weights).sum()
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    enc_grads = tuple(t.grad.clone() for t in (ei.units if ei.units is not None else ei.regions, et.words))
+    return S.detach(), grads, enc_grads
+
+
+def _assert_grads_close(ref, got, rtol):
+    assert set(ref) == set(got), set(ref) ^ set(got)
+    for k in ref:
+        scale = ref[k].norm()
+        assert (ref[k] - got[k]).norm() <= rtol * scale + 1e-12, f"{k}: {(ref[k] - got[k]).norm()} vs {scale}"
+
+
+@pytest.mark.parametrize("loss_mode", [None, "max"], ids=["dense", "hardest"])
+@pytest.mark.parametrize("name", MODELS)
+def test_blocked_scores_and_gradients_equal_the_plain_path(name, loss_mode):
+    """float64, training mode with dropout, padded regions, mixed caption lengths, a budget so small that
+    every chunk holds a pair or two: scores to 1e-10, every gradient to 1e-5 relative."""
+    model = build(name, dropout=0.3).double().train()
+    images, texts = _double(pad_images(make_images(5), 2), pad_texts(make_texts(model, 5, lengths=(7, 5, 3, 5, 2)), 1))
+    w = torch.randn(5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    S0, g0, e0 = _step(model, images, texts, False, w, loss_mode)
+    S1, g1, e1 = _step(model, images, texts, True, w, loss_mode)
+    torch.testing.assert_close(S1, S0, atol=1e-10, rtol=0)
+    assert g0, "no gradients at all"
+    _assert_grads_close(g0, g1, 1e-5)
+    for a, b in zip(e0, e1):  # gradients of the encodings too (what the encoders' backward receives)
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-6)
+
+
+def test_blocked_gradients_in_float32_within_rounding():
+    model = build("tvrn_sgr", dropout=0.1).train()
+    images, texts = make_images(4), make_texts(model, 6, lengths=(7, 5, 3))
+    w = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    S0, g0, _ = _step(model, images, texts, False, w)
+    S1, g1, _ = _step(model, images, texts, True, w)
+    torch.testing.assert_close(S1, S0, atol=1e-6, rtol=0)
+    total = torch.cat([g.flatten() for g in g0.values()]).norm()
+    diff = torch.cat([(g0[k] - g1[k]).flatten() for k in g0]).norm()
+    assert diff <= 1e-5 * total
+
+
+class _Spy:
+    """Wraps model.score_pairs: records (pairs, caption length, all words real) of every recomputation (calls
+    from train_pair_bytes, which measures one pair, are not counted)."""
+
+    def __init__(self, model, monkeypatch):
+        import tvrn.scoring
+
+        self.model, self.calls, self.inner, self.measuring = model, [], model.score_pairs, False
+        model.score_pairs = self
+        measure = tvrn.scoring.train_pair_bytes
+
+        def measured(*args):
+            self.measuring = True
+            try:
+                return measure(*args)
+            finally:
+                self.measuring = False
+
+        monkeypatch.setattr(tvrn.scoring, "train_pair_bytes", measured)
+
+    def __call__(self, images, texts):
+        if not self.measuring:
+            self.calls.append((len(images), texts.words.shape[1], bool(texts.mask.all())))
+        return self.inner(images, texts)
+
+
+@pytest.mark.parametrize("name", ["tvrn_sgr", "sgraf_saf", "scan_t2i", "scan_i2t"])
+def test_backward_recomputes_exactly_the_pairs_with_a_gradient_in_budgeted_chunks(name, monkeypatch):
+    model = build(name).train()
+    images, texts = make_images(6), make_texts(model, 8, lengths=(7, 5, 3, 6))
+    torch.manual_seed(0)
+    ei, et = model.encode_image(images), model.encode_text(texts)
+    budget = 3 * train_pair_bytes(model, ei, et) / 2**20  # about three pairs of the longest length per chunk
+    spy = _Spy(model, monkeypatch)
+    S = score_all_train(model, ei, et, memory_budget_mb=budget)
+    G = torch.zeros_like(S)
+    pick = [(0, 0), (1, 3), (5, 7), (2, 2), (2, 6), (4, 1), (3, 5)]
+    for i, j in pick:
+        G[i, j] = 1.0 + i + j
+    S.backward(G)
+    calls = list(spy.calls)
+    assert sum(p for p, _, _ in calls) == len(pick)  # nothing else recomputed
+    for p, n, all_real in calls:  # each chunk one caption length, cut to it, within the budget
+        assert all_real and p * train_pair_bytes(model, ei, et.trim(n)) <= budget * 2**20 or p == 1
+    assert len(calls) >= 3
+
+
+def test_chunk_size_does_not_change_the_gradients():
+    """float64: one chunk, a pair per chunk, a few pairs per chunk agree to rounding (1e-10)."""
+    model = build("tvrn_saf").double().train()
+    images, texts = _double(make_images(5), make_texts(model, 7, lengths=(7, 5, 3, 5, 2)))
+    w = torch.randn(5, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = _step(model, images, texts, True, w, budget=1000.0)[1]
+    for budget in (0.001, 0.1):
+        got = _step(model, images, texts, True, w, budget=budget)[1]
+        _assert_grads_close(ref, got, 1e-10)
+
+
+def test_no_pair_with_a_gradient_still_gives_pair_parameters_a_zero_gradient():
+    """DDP (find_unused_parameters=False) expects a gradient for every parameter in every step."""
+    model = build("tvrn_sgr").train()
+    images, texts = make_images(3), make_texts(model, 3)
+    ei, et = model.encode_image(images), model.encode_text(texts)
+    score_all_train(model, ei, et, memory_budget_mb=1.0).backward(torch.zeros(3, 3))
+    for k, p in model.named_parameters():
+        assert p.grad is not None and not p.grad.abs().sum() > 0, k
+
+
+def test_dense_gradient_takes_the_plain_path_only_when_it_fits(monkeypatch):
+    model = build("sgraf_sgr").train()
+    images, texts = make_images(4), make_texts(model, 4)
+    ei, et = model.encode_image(images), model.encode_text(texts)
+    per_pair = train_pair_bytes(model, ei, et)
+    spy = _Spy(model, monkeypatch)
+    fits = score_all_train(model, ei, et, memory_budget_mb=17 * per_pair / 2**20, dense_gradient=True)
+    fits.sum().backward(retain_graph=True)
+    assert fits.grad_fn.name() != "_TrainScoresBackward" and spy.calls == []  # plain autograd graph
+    ei, et = model.encode_image(images), model.encode_text(texts)
+    tight = score_all_train(model, ei, et, memory_budget_mb=15 * per_pair / 2**20, dense_gradient=True)
+    assert tight.grad_fn.name() == "_TrainScoresBackward"
+    tight.sum().backward()
+    assert sum(p for p, _, _ in spy.calls) == 16
+
+
+def test_model_forward_with_a_budget_trains_like_the_plain_path(tmp_path):
+    """Three trainer steps on TVRN with the blocked path and with the plain one end with the same weights
+    (float rounding apart): the Trainer wiring, the hardest-negative loss and Adam included. float64: Adam
+    turns float32 rounding of near-zero gradients into full-size steps of lr."""
+    from tvrn.train import Trainer, TrainConfig
+
+    def batches(model):
+        out = []
+        for k in range(3):
+            images, texts = _double(make_images(6, seed=10 + k), make_texts(model, 6, seed=20 + k, lengths=(7, 4, 6)))
+            out.append(PairBatch(images, texts, torch.tensor([0, 1, 2, 3, 4, 0]) + 10 * k))
+        return out
+
+    weights = []
+    for budget in (None, 0.05):
+        torch.manual_seed(0)
+        model = build("tvrn_sgr", dropout=0.2).double().train()
+        data = batches(model)
+        cfg = TrainConfig(epochs=1, batch_size=6, lr=1e-3, out_dir=str(tmp_path / str(budget)), tensorboard=False,
+                          memory_budget_mb=budget, loss_mode="max", patience=0)
+        Trainer(model, cfg, loader_factory=lambda epoch: data).fit()
+        weights.append(model.state_dict())
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], atol=1e-9, rtol=1e-7)
+
+
+def test_score_path_follows_the_gradient_density():
+    from tvrn.train.trainer import ScorePath
+
+    path = ScorePath(64.0, sparse_loss=True)
+    assert path.forward_kwargs(warmup=False) == {"memory_budget_mb": 64.0, "dense_gradient": False}
+    assert path.forward_kwargs(warmup=True)["dense_gradient"]  # the sum loss of the warm-up epochs
+    s = torch.zeros(4, 4, requires_grad=True)
+    path.watch(s)
+    g = torch.zeros(4, 4)
+    g[:2] = 1.0  # half of the pairs get a gradient
+    s.backward(g)
+    assert path.density == 0.5 and path.forward_kwargs(warmup=False)["dense_gradient"]
+    assert ScorePath(None, sparse_loss=True).forward_kwargs(False) == {}
