@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
+import weakref
 from contextlib import nullcontext
 from typing import Any, Iterable, Optional, Sequence
 
@@ -378,10 +380,25 @@ class _TrainSpec:
         return img, txt
 
 
+_PAIR_BYTES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _layout_key(enc: Any) -> tuple:
+    return tuple((n, tuple(getattr(enc, n).shape[1:]), getattr(enc, n).dtype) for n in _tensor_fields(enc))
+
+
 def train_pair_bytes(model: nn.Module, enc_images: Any, enc_texts: Any) -> int:
     """Bytes per pair that `model.score_pairs` keeps for backward, measured on the pair (enc_images[0],
     enc_texts[0]) (captions cut to the length to plan for): its gathered inputs and every tensor autograd saves
-    (parameters excluded), doubled for the backward's own temporaries."""
+    (parameters excluded), doubled for the backward's own temporaries. Cached per model and field shapes."""
+    cache = _PAIR_BYTES.setdefault(model, {})
+    key = (_layout_key(enc_images), _layout_key(enc_texts))
+    if key not in cache:
+        cache[key] = _measure_pair_bytes(model, enc_images, enc_texts)
+    return cache[key]
+
+
+def _measure_pair_bytes(model: nn.Module, enc_images: Any, enc_texts: Any) -> int:
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -418,6 +435,11 @@ def _float_dtype(tensors) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+# what the last backward of score_all_train did: pairs recomputed (of Ni x Nt), chunks, seconds (for benchmarks
+# and logs; one process-wide record)
+LAST_TRAIN_BACKWARD: dict[str, float] = {}
+
+
 class _TrainScores(torch.autograd.Function):
     """S = all-pairs scores of a training batch, differentiable in the encodings and the pair-work parameters.
 
@@ -443,6 +465,7 @@ class _TrainScores(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, G):
+        t0 = time.perf_counter()
         spec, tensors = ctx.spec, ctx.saved_tensors
         model, n_enc = spec.model, len(tensors) - spec.n_params
         enc_i, enc_t = spec.unflatten(tensors)
@@ -468,7 +491,7 @@ class _TrainScores(torch.autograd.Function):
             run_len = lengths[jj].cpu()
         budget = spec.budget_mb * 2**20
         autocast = torch.autocast(ctx.device_type, dtype=ctx.autocast[1]) if ctx.autocast[0] else nullcontext()
-        q, per_length = 0, {}
+        q, per_length, chunks = 0, {}, 0
         while q < len(ii):
             n = None if lengths is None else int(run_len[q])
             end = len(ii) if lengths is None else int(torch.searchsorted(run_len, n, right=True))
@@ -477,6 +500,7 @@ class _TrainScores(torch.autograd.Function):
                 per_length[n] = max(1, int(budget // max(1, train_pair_bytes(model, enc_i, txt_src))))
             for c0 in range(q, end, per_length[n]):
                 ci, cj = ii[c0:min(end, c0 + per_length[n])], jj[c0:min(end, c0 + per_length[n])]
+                chunks += 1
                 with torch.enable_grad(), autocast:
                     img = dataclasses.replace(enc_i, **{k: _gathered_leaf(getattr(enc_i, k), ci, need_i[k]) for k in names_i})
                     txt = dataclasses.replace(txt_src, **{k: _gathered_leaf(getattr(txt_src, k), cj, need_t[k])
@@ -501,7 +525,37 @@ class _TrainScores(torch.autograd.Function):
             q = end
         out_i = [acc_i.get(n) for n in names_i]
         out_t = [acc_t.get(n) for n in names_t]
+        LAST_TRAIN_BACKWARD.update(pairs=0 if zero else len(ii), of=G.numel(), chunks=chunks,
+                                   seconds=time.perf_counter() - t0)
         return (None, *out_i, *out_t, *acc_p)
+
+
+def _plain_bytes(model: nn.Module, enc_images: Any, enc_texts: Any) -> int:
+    """What `score_by_length` keeps for backward: Ni x sum over captions of train_pair_bytes at their length."""
+    lengths = trim_lengths(model, enc_texts)
+    if lengths is None:
+        return len(enc_images) * len(enc_texts) * train_pair_bytes(model, enc_images, enc_texts)
+    total = 0
+    for n, count in zip(*torch.unique(lengths, return_counts=True)):
+        first = int(torch.nonzero(lengths == n)[0])
+        total += int(count) * train_pair_bytes(model, enc_images, enc_texts[first].trim(int(n)))
+    return len(enc_images) * total
+
+
+def score_by_length(model: nn.Module, enc_images: Any, enc_texts: Any) -> torch.Tensor:
+    """model.score (Ni, Nt) with gradients, one call per caption length, captions cut to it (no padded words):
+    the plain path for dense gradients. Models that keep padding (or odd masks) get one call."""
+    lengths = trim_lengths(model, enc_texts)
+    if lengths is None:
+        return model.score(enc_images, enc_texts)
+    lengths = lengths.to(enc_texts.mask.device)
+    order = torch.sort(lengths, stable=True).indices  # (Nt,) captions by length
+    cols, start = [], 0
+    for n, count in zip(*torch.unique_consecutive(lengths[order], return_counts=True)):
+        idx = order[start:start + int(count)]
+        cols.append(model.score(enc_images, enc_texts[idx].trim(int(n))))  # (Ni, n_g)
+        start += int(count)
+    return torch.cat(cols, 1).index_select(1, torch.argsort(order))  # (Ni, Nt) in gallery order
 
 
 def score_all_train(model: nn.Module, enc_images: Any, enc_texts: Any, memory_budget_mb: float = 512.0,
@@ -519,9 +573,8 @@ def score_all_train(model: nn.Module, enc_images: Any, enc_texts: Any, memory_bu
     then, if the plain path's activations of all Ni x Nt pairs fit the budget, it is used instead: it stores
     what the recomputation would redo.
     """
-    if dense_gradient and len(enc_images) * len(enc_texts) * train_pair_bytes(model, enc_images, enc_texts) \
-            <= memory_budget_mb * 2**20:
-        return model.score(enc_images, enc_texts)
+    if dense_gradient and _plain_bytes(model, enc_images, enc_texts) <= memory_budget_mb * 2**20:
+        return score_by_length(model, enc_images, enc_texts)
     params = [p for p in model.parameters() if p.requires_grad]
     spec = _TrainSpec(model, enc_images, enc_texts, memory_budget_mb, len(params))
     return _TrainScores.apply(spec, *spec.flatten(enc_images, enc_texts), *params)

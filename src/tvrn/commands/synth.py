@@ -38,6 +38,8 @@ def register(subparsers) -> None:
             p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
                            default=getattr(defaults, f.name), help=f"{_FLAGS[f.name]} (default %(default)s)")
     p.add_argument("--no-images", action="store_true", help="do not render PNG images")
+    p.add_argument("--merge-evidence", action="store_true",
+                   help="probe variant: colour evidence also in each object's category region (docs/synthetic.md)")
     p.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
     p.set_defaults(func=run)
 
@@ -45,7 +47,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from tvrn.data.synth import SPLITS, SynthConfig, write_dataset
 
-    config = replace(SynthConfig(), render_images=not args.no_images,
+    config = replace(SynthConfig(), render_images=not args.no_images, merge_evidence=args.merge_evidence,
                      **{name: getattr(args, name) for name in _FLAGS})
     try:
         config.validate()

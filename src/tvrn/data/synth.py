@@ -163,6 +163,8 @@ class SynthConfig:
     background_kinds: int = 4  # number of background "texture" embeddings
     vocab_min_count: int = 1  # every generated word is a real word of the benchmark
     render_images: bool = True
+    merge_evidence: bool = False  # probe variant: each object's colour evidence is also added to its category
+                                  # region, so one region says "red cat" and binding needs no geometry
 
     def validate(self) -> None:
         """Raise ValueError for an inconsistent config."""
@@ -534,7 +536,8 @@ def _features(config, emb, boxes, kind, owner, bg_id, obj_cat, obj_col, obj_size
         e = slice(s, s + 512)
         k = kind[e]
         ev = np.where((k == 0)[..., None], emb["category"][cat_id[e]] + emb["size"][size_id[e]], 0)
-        ev = ev + np.where((k == 1)[..., None], emb["colour"][col_id[e]], 0)
+        has_colour = (k == 1) | (k == 0) if config.merge_evidence else (k == 1)
+        ev = ev + np.where(has_colour[..., None], emb["colour"][col_id[e]], 0)
         ev = ev + np.where((k == 2)[..., None], emb["background"][np.clip(bg_id[e], 0, None)], 0)
         amp = rng.uniform(0.8, 1.2, k.shape)[..., None]  # detector confidence
         pos = position_features(boxes[e], config.image_size) @ emb["position"]  # (n, R, Dv)

@@ -1,0 +1,262 @@
+"""Multi-seed study on the synthetic benchmark: do TVRN's modules help where context is needed?
+
+Two suites, each a grid of (configuration, seed) runs; every finished run is appended to --out as one JSON line
+(with the command), and runs already in the file are skipped, so the study can run in pieces and be resumed.
+
+- probe: does the benchmark need what it claims? A bag-of-regions dual encoder (VSE: mean of per-region
+  embeddings, so each region contributes on its own) on the benchmark and on its merged-evidence variant
+  (`tvrn synth --merge-evidence`: each object's colour also in its category region, so binding needs no
+  geometry), next to TVRN with and without spatial context (the IoU adjacency).
+- study: TVRN (SGR); TVRN with each of spatial context, relational context, module 1, module 2 and module 3's
+  gates switched off alone; SGRAF (SGR); SCAN t2i; VSE.
+
+Each run: `demo_synth` widths (D=64, S=32), the sum-over-negatives loss, lr --lr for --epochs epochs with a drop
+to a fifth at --milestone, early stop after --patience epochs without dev RSUM gain, the best-dev checkpoint
+evaluated on the test split: RSUM, twin accuracy (all twins, colour-swap twins, relation-flip twins), and
+text-to-image R@1 / R@5 per caption group from SPLIT_scenes.jsonl (captions that need attribute binding,
+a relation, or only categories). Runs go to --runs/<suite>/<config>_s<seed> and run two at a time (--jobs) with
+one thread each.
+
+    python benchmarks/study_synth.py --suite probe study [--seeds 0 1 2] [--jobs 2]
+    python benchmarks/study_synth.py --summary          # tables (mean +- std over seeds) and the curve plot
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TVRN = ["model.name=tvrn_sgr"]
+SUITES = {
+    "probe": {
+        "VSE (bag of regions)": ["model.name=vse"],
+        "VSE, merged evidence": ["model.name=vse", "@merged"],
+        "TVRN": TVRN,
+        "TVRN w/o spatial context": TVRN + ["model.spatial_context=false"],
+        "TVRN, merged evidence": TVRN + ["@merged"],
+    },
+    "study": {
+        "TVRN": TVRN,
+        "TVRN w/o spatial context": TVRN + ["model.spatial_context=false"],
+        "TVRN w/o relational context": TVRN + ["model.relational_context=false"],
+        "TVRN w/o module 1": TVRN + ["model.unify=false"],
+        "TVRN w/o module 2": TVRN + ["model.refine_text=false"],
+        "TVRN w/o module 3 gates": TVRN + ["model.global_gates=false"],
+        "SGRAF (SGR)": ["model.name=sgraf_sgr"],
+        "SCAN t2i": ["model.name=scan_t2i"],
+        "VSE": ["model.name=vse"],
+    },
+}
+GROUPS = {"binding": lambda c: "attribute_binding" in c["cues"], "relation": lambda c: "relation" in c["cues"],
+          "categories only": lambda c: c["type"] == "categories_only"}
+
+
+def slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+
+
+def ensure_data(root: Path, merged: bool) -> Path:
+    """The default benchmark at root, or its merged-evidence variant next to it (generated when missing)."""
+    from tvrn.data.synth import SynthConfig, write_dataset
+
+    path = root.parent / (root.name + "_merged") if merged else root
+    if not (path / "manifest.json").exists():
+        write_dataset(path, SynthConfig(merge_evidence=merged, render_images=False))
+    return path
+
+
+def caption_groups(root: Path, split: str) -> dict[str, np.ndarray]:
+    """Caption indices of each group, from the scene file (5 captions per image, in order)."""
+    caps = [c for line in (root / f"{split}_scenes.jsonl").read_text().splitlines() for c in json.loads(line)["captions"]]
+    return {g: np.array([i for i, c in enumerate(caps) if f(c)]) for g, f in GROUPS.items()}
+
+
+def twin_pairs(root: Path, split: str) -> dict[str, np.ndarray]:
+    """twin_of (N_img,) per twin kind (-1 elsewhere), and for all twins."""
+    scenes = [json.loads(x) for x in (root / f"{split}_scenes.jsonl").read_text().splitlines()]
+    out = {}
+    for kind in ("all", "colour_swap", "relation_flip"):
+        t = np.full(len(scenes), -1)
+        for i, s in enumerate(scenes):
+            if s.get("twin") is not None and (kind == "all" or s.get("twin_kind") == kind):
+                t[i] = s["twin"]
+                t[s["twin"]] = i  # both members of the pair count
+        out[kind] = t
+    return out
+
+
+def one_run(a, suite: str, name: str, seed: int) -> dict:
+    from tvrn.data import load_split
+    from tvrn.demo import read_curve, twin_accuracy
+    from tvrn.evaluation import evaluate
+    from tvrn.metrics import rank_metrics, t2i_ranks
+    from tvrn.pipeline import load_trained, resolve_config, score_split, train_from_config
+
+    torch.set_num_threads(a.threads)
+    overrides = SUITES[suite][name]
+    root = ensure_data(Path(a.data), "@merged" in overrides)
+    sets = [o for o in overrides if not o.startswith("@")]
+    cfg = resolve_config("demo_synth", [f"data.root={root}", *sets, f"train.seed={seed}", f"train.epochs={a.epochs}",
+                                        f"train.lr={a.lr}", f"train.lr_milestones=[{a.milestone}]", "train.lr_gamma=0.2",
+                                        f"train.patience={a.patience}"])
+    run_dir = Path(a.runs) / suite / f"{slug(name)}_s{seed}"
+    t0 = time.time()
+    summary = train_from_config(cfg, run_dir, resume=True)
+    seconds = time.time() - t0
+    model, tokenizer, _ = load_trained(run_dir / "best.pt")
+    test = load_split(root, "test")
+    c2i = torch.as_tensor(test.caption_to_image)
+    scores = score_split(model, test, tokenizer, cfg["data"])
+    ranks = t2i_ranks(scores, c2i)
+    twins = twin_pairs(root, "test")
+    return {
+        "suite": suite, "config": name, "seed": seed, "overrides": overrides, "data": str(root),
+        "command": " ".join(["python", *sys.argv]), "threads": a.threads, "seconds": seconds,
+        "epochs_run": summary["epochs_completed"], "best_epoch": summary["best_epoch"],
+        "dev_rsum_per_epoch": [round(r, 2) for _, r in read_curve(run_dir)],
+        "test": evaluate(scores, c2i),
+        "twin_acc": {k: twin_accuracy(scores, c2i, t) for k, t in twins.items()},
+        "t2i_by_group": {g: {**rank_metrics(ranks[torch.as_tensor(idx)], "t2i"), "captions": len(idx)}
+                         for g, idx in caption_groups(root, "test").items()},
+        "train": {k: cfg["train"][k] for k in ("epochs", "lr", "lr_milestones", "lr_gamma", "patience", "batch_size",
+                                               "loss_mode")},
+    }
+
+
+def done_runs(path: Path) -> set:
+    if not path.exists():
+        return set()
+    return {(r["suite"], r["config"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
+
+
+def run_grid(a) -> None:
+    out = Path(a.out)
+    todo = [(s, n, seed) for s in a.suite for n in SUITES[s] for seed in a.seeds if (s, n, seed) not in done_runs(out)]
+    print(f"{len(todo)} runs to do", file=sys.stderr, flush=True)
+    running: list[tuple[subprocess.Popen, tuple]] = []
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    while todo or running:
+        while todo and len(running) < a.jobs:
+            job = todo.pop(0)
+            cmd = [sys.executable, __file__, "--one", job[0], job[1], str(job[2]), *passthrough(a)]
+            running.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True), job))
+        time.sleep(2)
+        for proc, job in list(running):
+            if proc.poll() is None:
+                continue
+            running.remove((proc, job))
+            text = proc.stdout.read()
+            if proc.returncode != 0:
+                print(f"{job}: failed with exit code {proc.returncode}", file=sys.stderr, flush=True)
+                continue
+            line = text.strip().splitlines()[-1]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "a") as f:
+                f.write(line + "\n")
+            r = json.loads(line)
+            print(f"{job}: test RSUM {r['test']['rsum']:.1f}, twins {r['twin_acc']['all']:.1f}%, "
+                  f"{r['seconds']:.0f} s, dev {r['dev_rsum_per_epoch']}", file=sys.stderr, flush=True)
+
+
+def passthrough(a) -> list[str]:
+    return ["--data", a.data, "--runs", a.runs, "--epochs", str(a.epochs), "--lr", str(a.lr), "--milestone",
+            str(a.milestone), "--patience", str(a.patience), "--threads", str(a.threads)]
+
+
+def mean_sd(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return ""
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+    return f"{m:.1f} ± {sd:.1f}"
+
+
+def summary_tables(rows: list[dict]) -> str:
+    out = []
+    for suite in SUITES:
+        rs = [r for r in rows if r["suite"] == suite]
+        if not rs:
+            continue
+        out += [f"\n{suite} (mean ± sd over seeds; seeds per row in brackets)\n",
+                "| configuration | test RSUM | twin acc % | colour-swap twins % | relation-flip twins % | "
+                "t2i R@1 binding | t2i R@1 relation | t2i R@1 categories only | best epoch |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for name in SUITES[suite]:
+            g = [r for r in rs if r["config"] == name]
+            if not g:
+                continue
+            out.append(f"| {name} [{len(g)}] | {mean_sd(r['test']['rsum'] for r in g)} | "
+                       f"{mean_sd(r['twin_acc']['all'] for r in g)} | {mean_sd(r['twin_acc']['colour_swap'] for r in g)} | "
+                       f"{mean_sd(r['twin_acc']['relation_flip'] for r in g)} | "
+                       + " | ".join(mean_sd(r["t2i_by_group"][k]["t2i/R@1"] for r in g) for k in GROUPS)
+                       + f" | {mean_sd(r['best_epoch'] + 1 for r in g)} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), dpi=110)
+    for ax, suite in zip(axes, SUITES):
+        for k, name in enumerate(SUITES[suite]):
+            g = [r["dev_rsum_per_epoch"] for r in rows if r["suite"] == suite and r["config"] == name]
+            if not g:
+                continue
+            colour = f"C{k}"
+            for curve in g:
+                ax.plot(range(1, len(curve) + 1), curve, color=colour, alpha=0.25, lw=1)
+            n = min(len(c) for c in g)
+            ax.plot(range(1, n + 1), np.mean([c[:n] for c in g], 0), color=colour, lw=2, label=f"{name} ({len(g)})")
+        ax.set_title(f"{suite}: dev RSUM per epoch (thin: seeds, thick: mean)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("dev RSUM")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", nargs="*", default=["probe", "study"], choices=list(SUITES))
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each by default)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--milestone", type=int, default=7, help="epoch (0-based) at which the lr drops to a fifth")
+    ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--data", default="data/synth")
+    ap.add_argument("--runs", default="runs/study")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "study_synth.jsonl"))
+    ap.add_argument("--summary", action="store_true", help="print the tables and write the plot from --out")
+    ap.add_argument("--one", nargs=3, metavar=("SUITE", "CONFIG", "SEED"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(one_run(a, a.one[0], a.one[1], int(a.one[2]))))
+        return
+    if not a.summary:
+        ensure_data(Path(a.data), False)
+        run_grid(a)
+    rows = [json.loads(x) for x in Path(a.out).read_text().splitlines()] if Path(a.out).exists() else []
+    print(summary_tables(rows))
+    if rows:
+        png = Path(a.out).with_suffix(".png")
+        plot(rows, png)
+        print(f"\ncurves: {png}")
+
+
+if __name__ == "__main__":
+    main()
