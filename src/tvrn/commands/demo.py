@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"Test split of {data} (all pairs), best dev checkpoint of each run:")
     print(format_table(summary["rows"]))
+    print("\nTwo epochs of each model, one seed: this shows the pipeline end to end, and that a fixed config gives a "
+          "fixed table\n(same thread count, same kind of machine). Which model is better, and whether TVRN's "
+          "modules bind attributes\n(twin accuracy), needs longer runs and several seeds: README, 'Module study'.")
     if summary["plot"]:
         print(f"\ndev RSUM curves: {summary['plot']}")
     print(f"results: {Path(args.out) / 'results.json'}; total {time.time() - t0:.0f} s")
