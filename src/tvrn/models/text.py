@@ -124,6 +124,14 @@ class BertTokenizer:
     def encode(self, caption: str) -> list[int]:
         return list(self._tok.encode(caption, truncation=True, max_length=self.max_length))
 
+    def words(self, caption: str) -> list[tuple[str, bool]]:
+        """Caption -> [(word, known)]: the pre-tokenizer's words; a word is unknown when its word pieces
+        include the unknown token."""
+        unk = self._tok.unk_token
+        pre = getattr(getattr(self._tok, "backend_tokenizer", None), "pre_tokenizer", None)
+        words = [w for w, _ in pre.pre_tokenize_str(caption)] if pre is not None else caption.split()
+        return [(w, unk not in self._tok.tokenize(w)) for w in words]
+
     def __len__(self) -> int:
         return len(self._tok)
 

@@ -155,6 +155,14 @@ class SearchIndex:
             tokens.append(ids)
         return encode_texts(self.model, [collate_texts(tokens, self.tokenizer.pad_id)])
 
+    def query_words(self, text: str) -> dict[str, list[str]]:
+        """{"words": the query's words as the tokenizer splits them, "known": those with their own token,
+        "unknown": the others (mapped to the unknown token, so they tell the model nothing)}."""
+        split = getattr(self.tokenizer, "words", None)
+        pairs = split(text) if callable(split) else [(w, True) for w in text.split()]
+        return {"words": [w for w, _ in pairs], "known": [w for w, k in pairs if k],
+                "unknown": [w for w, k in pairs if not k]}
+
     def _check_k(self, k: int, shortlist: Optional[int], n: int) -> tuple[int, int]:
         if k < 1:
             raise SearchIndexError(f"k must be at least 1, got {k}")

@@ -1,0 +1,175 @@
+"""Load on `tvrn serve` over loopback: 20 and 100 concurrent clients, mixed requests, latency, errors, memory.
+
+The server is a real `tvrn serve` process on a 200-image index (the synthetic benchmark's test split, a TVRN
+model at the demo's widths with random weights: the load, not the answers, is measured). Each client thread
+keeps one HTTP/1.1 connection and sends, at random, a search (40%: a caption of the split as the query, k 10,
+shortlist 100), an image query (10%), or a cheap request (50%: /api/info, the page, an image file), until the
+phase has sent its requests or run 60 s. Reported per phase: requests, p50 / p99 latency of cheap requests and of
+model requests, statuses (503 is the pool's deliberate "busy"; a client that gets one waits its Retry-After
+before its next request), errors (any other non-200), dropped connections
+(a request that got no answer), and the server's RSS before and after.
+
+    python benchmarks/bench_serve.py [--clients 20 100] [--requests 1500] [--out benchmarks/results/serve.json]
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from urllib.parse import quote
+
+import torch
+
+
+def build_index(data: Path, out: Path) -> None:
+    from tvrn.data import Vocabulary, load_split
+    from tvrn.data.synth import SynthConfig, write_dataset
+    from tvrn.models import create_model
+    from tvrn.search import SearchIndex
+    from tvrn.train.checkpoint import atomic_save
+
+    if not (data / "manifest.json").exists():
+        write_dataset(data, SynthConfig())
+    vocab = Vocabulary.load(data / "vocab.json")
+    torch.manual_seed(0)
+    model = create_model("tvrn_sgr", img_dim=load_split(data, "test").feature_size, embed_size=64, sim_dim=32,
+                         word_dim=64, vocab_size=len(vocab))
+    ckpt = out.with_suffix(".pt")
+    atomic_save({"config": {"model_name": "tvrn_sgr", "model": asdict(model.config)}, "model": model.state_dict(),
+                 "vocab": vocab.to_json_dict()}, ckpt)
+    SearchIndex.build(ckpt, data, "test").save(out)
+
+
+def rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def client(port, captions, n_images, stop, budget, out, seed):
+    rnd = random.Random(seed)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    while not stop.is_set():
+        with budget[1]:
+            if budget[0] <= 0:
+                return
+            budget[0] -= 1
+        u = rnd.random()
+        if u < 0.4:
+            kind, path = "model", f"/api/search?q={quote(rnd.choice(captions))}&k=10&shortlist=100"
+        elif u < 0.5:
+            kind, path = "model", f"/api/image/{rnd.randrange(n_images)}?k=10"
+        else:
+            kind, path = "cheap", rnd.choice(["/api/info", "/", f"/images/{rnd.randrange(n_images)}"])
+        t0 = time.perf_counter()
+        try:
+            conn.request("GET", path)
+            r = conn.getresponse()
+            r.read()
+            status = r.status
+            if r.getheader("connection", "").lower() == "close":
+                conn.close()
+            retry = float(r.getheader("retry-after") or 0) if status == 503 else 0.0
+        except (OSError, http.client.HTTPException):
+            status, retry = None, 0.0  # dropped: no answer
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        out.append((kind, status, time.perf_counter() - t0))
+        if retry:
+            stop.wait(retry)  # a polite client: Retry-After before its next request
+    conn.close()
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+
+def phase(port, pid, clients, requests, captions, n_images, seconds):
+    results, stop, budget = [], threading.Event(), [requests, threading.Lock()]
+    before = rss(pid)
+    threads = [threading.Thread(target=client, args=(port, captions, n_images, stop, budget, results, k))
+               for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(0.0, seconds - (time.perf_counter() - t0)))
+    stop.set()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    out = {"clients": clients, "requests": len(results), "seconds": wall, "rss_before_bytes": before,
+           "rss_after_bytes": rss(pid), "statuses": {}}
+    for kind in ("cheap", "model"):
+        lat = [t for k, s, t in results if k == kind and s == 200]
+        out[kind] = {"n": sum(1 for k, _, _ in results if k == kind), "ok": len(lat),
+                     "p50_ms": 1000 * statistics.median(lat) if lat else None, "p99_ms": 1000 * pct(lat, 0.99) if lat else None}
+    for _, s, _ in results:
+        out["statuses"][str(s)] = out["statuses"].get(str(s), 0) + 1
+    out["dropped"] = out["statuses"].get("None", 0)
+    out["errors"] = sum(n for s, n in out["statuses"].items() if s not in ("200", "503", "None"))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", nargs="*", type=int, default=[20, 100])
+    ap.add_argument("--requests", type=int, default=1500, help="requests per phase (at most)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="time per phase (at most)")
+    ap.add_argument("--data", default="data/synth")
+    ap.add_argument("--index", default="runs/bench_serve/test.index")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    a = ap.parse_args()
+    index = Path(a.index)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    if not index.exists():
+        build_index(Path(a.data), index)
+    captions = (Path(a.data) / "test_caps.txt").read_text().splitlines()
+    n_images = len(captions) // 5
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tvrn.cli", "serve", str(index), "--port", str(port), "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = server.stdout.readline()  # "tvrn serve: ... open http://..."
+        if "open http" not in line:
+            raise RuntimeError(f"server did not start: {line}")
+        for _ in range(3):  # warm-up: first model calls
+            http.client.HTTPConnection("127.0.0.1", port).request("GET", f"/api/search?q={quote(captions[0])}")
+        time.sleep(1.0)
+        res = {"command": " ".join(["python", *sys.argv]), "index_images": n_images, "phases": []}
+        for c in a.clients:
+            res["phases"].append(p := phase(port, server.pid, c, a.requests, captions, n_images, a.seconds))
+            print(json.dumps(p), file=sys.stderr, flush=True)
+    finally:
+        server.terminate()
+        server.wait(10)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    print("| clients | requests | s | cheap p50 / p99 ms | model p50 / p99 ms | 503 | errors | dropped | RSS MB before -> after |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for p in res["phases"]:
+        f = lambda d: "-" if d["p50_ms"] is None else f"{d['p50_ms']:.0f} / {d['p99_ms']:.0f}"  # noqa: E731
+        print(f"| {p['clients']} | {p['requests']} | {p['seconds']:.0f} | {f(p['cheap'])} | {f(p['model'])} | "
+              f"{p['statuses'].get('503', 0)} | {p['errors']} | {p['dropped']} | "
+              f"{p['rss_before_bytes'] / 2**20:.0f} -> {p['rss_after_bytes'] / 2**20:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""What the search server answers, without HTTP: validation, limits and the JSON bodies.
+
+    service = SearchService(SearchIndex.load("test.index"))
+    service.search("a red cat on a box", k="10", shortlist="100")   # -> dict (JSON body)
+    service.image("3", k="10")                                       # gallery image 3 -> ranked captions
+
+Parameters arrive as strings (query parameters) and are checked here; a bad one raises `ServiceError`
+(status, message), which the server turns into a JSON error. Limits: the query text is refused above
+`max_query_chars` (400); a query of more than `max_query_words` words is cut to that many, and the answer says
+so (`truncated`); k and the shortlist are clamped to the gallery (`clamped`). Words the model's tokenizer does
+not know are listed (`unknown_words`); a query with no known word gets no hits and a `notice`.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from .index import SearchIndex, SearchIndexError
+
+_DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() accepts '²', which int() refuses
+
+
+class ServiceError(Exception):
+    """A request the service refuses: HTTP status, message (and Retry-After seconds for 503)."""
+
+    def __init__(self, status: int, message: str, retry_after: Optional[int] = None):
+        super().__init__(message)
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_query_chars: int = 1000  # longer query text: 400 (checked before anything is tokenized)
+    max_query_words: int = 64  # longer queries are cut to this many words (captions have about 12)
+    default_k: int = 10
+    default_text_shortlist: int = 100  # images re-ranked for a text query (0: all)
+    default_image_shortlist: int = 500  # captions re-ranked for an image query (0: all)
+
+
+def _int(raw: Optional[str], name: str, default: int, minimum: int) -> int:
+    if raw is None or raw == "":
+        return default
+    if not re.fullmatch(r"-?[0-9]{1,9}", raw):
+        raise ServiceError(400, f"parameter {name} must be an integer, got {raw[:40]!r}")
+    value = int(raw)
+    if value < minimum:
+        raise ServiceError(400, f"parameter {name} must be at least {minimum}, got {value}")
+    return value
+
+
+def parse_index(raw: str, n: int, what: str) -> int:
+    """A gallery index from a URL path segment: ASCII digits, below n; else 404."""
+    if not _DIGITS.fullmatch(raw or "") or int(raw) >= n:
+        raise ServiceError(404, f"no {what} {raw[:40]!r} (this index has {what}s 0..{n - 1})")
+    return int(raw)
+
+
+class SearchService:
+    """JSON answers for a SearchIndex (see the module doc). Not thread-safe by itself: the server runs model
+    calls in its bounded pool."""
+
+    def __init__(self, index: SearchIndex, limits: Limits = Limits()):
+        self.index, self.limits = index, limits
+
+    def info(self) -> dict:
+        return {**self.index.info(), "limits": self.limits.__dict__}
+
+    def _clamp(self, k: int, shortlist: int, n: int, notes: dict) -> tuple[int, Optional[int]]:
+        if k > n:
+            notes["k"] = {"asked": k, "used": n}
+            k = n
+        if shortlist > n:
+            notes["shortlist"] = {"asked": shortlist, "used": n}
+            shortlist = n
+        return k, (shortlist or None)
+
+    def check_query(self, q: Optional[str]) -> str:
+        """Cheap checks before any model work (the server runs them outside the pool)."""
+        if q is None or not q.strip():
+            raise ServiceError(400, "parameter q (the query text) is missing or empty")
+        if len(q) > self.limits.max_query_chars:
+            raise ServiceError(400, f"query too long: {len(q)} characters, at most {self.limits.max_query_chars}")
+        return q
+
+    def search(self, q: Optional[str], k: Optional[str] = None, shortlist: Optional[str] = None) -> dict:
+        """Text -> images: {"query", "k", "shortlist", "hits", "unknown_words", ...}."""
+        q = self.check_query(q)
+        lim, notes, t0 = self.limits, {}, time.perf_counter()
+        k_, s_ = self._clamp(_int(k, "k", lim.default_k, 1), _int(shortlist, "shortlist", lim.default_text_shortlist, 0),
+                             self.index.num_images, notes)
+        words = self.index.query_words(q)
+        out = {"query": q, "k": k_, "shortlist": s_ or 0, "unknown_words": words["unknown"]}
+        if notes:
+            out["clamped"] = notes
+        if len(words["words"]) > lim.max_query_words:
+            out["truncated"] = {"words": len(words["words"]), "kept": lim.max_query_words}
+            q = " ".join(words["words"][: lim.max_query_words])
+            words = self.index.query_words(q)
+        if not words["known"]:
+            out.update(hits=[], seconds=time.perf_counter() - t0,
+                       notice="none of the query's words is in the model's vocabulary, so it cannot be matched: "
+                              "no results")
+            return out
+        try:
+            hits = self.index.search_text(q, k=k_, shortlist=s_)
+        except SearchIndexError as e:
+            raise ServiceError(400, str(e)) from None
+        out.update(hits=[self._hit(h, captions=True) for h in hits], seconds=time.perf_counter() - t0)
+        return out
+
+    def image(self, raw: str, k: Optional[str] = None, shortlist: Optional[str] = None) -> dict:
+        """Gallery image -> captions: {"image", "image_id", "captions", "hits" (relevant: its own), ...}."""
+        image = parse_index(raw, self.index.num_images, "gallery image")
+        lim, notes, t0 = self.limits, {}, time.perf_counter()
+        k_, s_ = self._clamp(_int(k, "k", lim.default_k, 1),
+                             _int(shortlist, "shortlist", lim.default_image_shortlist, 0), self.index.num_captions, notes)
+        hits = self.index.search_image(image, k=k_, shortlist=s_)
+        out = {"image": image, "image_id": self.index.image_ids[image], "k": k_, "shortlist": s_ or 0,
+               "image_url": self._url(image), "captions": self.index.captions_of(image),
+               "hits": [dict(self._hit(h, captions=False), relevant=h.image_index == image) for h in hits],
+               "seconds": time.perf_counter() - t0}
+        if notes:
+            out["clamped"] = notes
+        return out
+
+    def _url(self, image: int) -> Optional[str]:
+        return f"/images/{image}" if self.index.image_path(image) is not None else None
+
+    def _hit(self, hit, captions: bool) -> dict:
+        out = hit.to_dict()
+        img = hit.index if hit.image_index is None else hit.image_index
+        out["image_url"] = self._url(img)
+        if captions:
+            out["captions"] = self.index.captions_of(img)
+        return out

@@ -1,0 +1,274 @@
+"""`tvrn serve` over real HTTP (uvicorn on an ephemeral loopback port): API, page, limits, hostile input, slow
+clients, the model pool's 503s, the bearer token; and a real browser (headless Chromium) rendering the page."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
+
+from test_search import setup  # noqa: E402,F401  (the tiny rendered index)
+from tvrn.cli import main  # noqa: E402
+from tvrn.search.server import ServerThread, create_app, is_loopback  # noqa: E402
+
+
+def request(base, path, method="GET", headers=None, timeout=30):
+    req = urllib.request.Request(base + path, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def raw(base, data: bytes, timeout=5.0) -> bytes:
+    """Send raw bytes on a new connection, return everything the server answers before it closes."""
+    host, port = base.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+
+
+@pytest.fixture(scope="module")
+def server(setup):  # noqa: F811
+    index = setup[4]
+    with ServerThread(create_app(index), header_timeout=1.0, keepalive_timeout=1.0) as base:
+        yield base, index
+
+
+def test_api_and_page(server):
+    base, index = server
+    status, headers, body = request(base, "/")
+    assert status == 200 and headers["content-type"].startswith("text/html") and b"/api/search" in body
+    assert json.loads(request(base, "/api/info")[2])["images"] == 12
+    res = json.loads(request(base, "/api/search?q=a+black+cat&k=4&shortlist=6")[2])
+    want = index.search_text("a black cat", k=4, shortlist=6)
+    assert [h["index"] for h in res["hits"]] == [h.index for h in want] and res["unknown_words"] == []
+    assert res["hits"][0]["image_url"] == f"/images/{want[0].index}"
+    assert res["hits"][0]["captions"] == index.captions_of(want[0].index)
+    res = json.loads(request(base, "/api/image/3?k=5&shortlist=0")[2])
+    assert [h["index"] for h in res["hits"]] == [h.index for h in index.search_image(3, k=5, shortlist=None)]
+    assert [h["relevant"] for h in res["hits"]] == [h["image_index"] == 3 for h in res["hits"]]
+    status, headers, body = request(base, "/images/3")
+    assert status == 200 and headers["content-type"] == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_k_and_shortlist_are_clamped_to_the_gallery(server):
+    """The page's defaults (shortlist 100, image view 500) on a 12-image, 60-caption gallery."""
+    base, index = server
+    status, _, body = request(base, "/api/search?q=a+red+ball&k=50&shortlist=100")
+    res = json.loads(body)
+    assert status == 200 and len(res["hits"]) == 12 and res["k"] == 12 and res["shortlist"] == 12
+    assert res["clamped"] == {"k": {"asked": 50, "used": 12}, "shortlist": {"asked": 100, "used": 12}}
+    res = json.loads(request(base, "/api/image/0?k=10&shortlist=500")[2])
+    assert res["shortlist"] == 60 and len(res["hits"]) == 10 and res["clamped"]["shortlist"]["used"] == 60
+
+
+@pytest.mark.parametrize("path,status,words", [
+    ("/api/search?q=cat&k=zero", 400, "k must be an integer"),
+    ("/api/search?q=cat&k=0", 400, "k must be at least 1"),
+    ("/api/search?q=cat&shortlist=-1", 400, "shortlist must be at least 0"),
+    ("/api/search?k=3", 400, "q (the query text) is missing"),
+    ("/api/image/12", 404, "no gallery image"),
+    ("/api/image/%C2%B2", 404, "no gallery image"),  # '²': str.isdigit() is true, int() refuses it
+    ("/images/%C2%B2", 404, "no gallery image"),
+    ("/images/" + "9" * 5000, 404, "no gallery image"),
+    ("/images/..%2F..%2Fetc%2Fpasswd", 404, "no"),
+    ("/api/nothing", 404, "no such path"),
+    ("/nothing/at/all", 404, "no such path"),
+])
+def test_bad_requests_get_json_errors(server, path, status, words):
+    got, headers, body = request(server[0], path)
+    assert got == status and headers["content-type"] == "application/json", (path, body[:200])
+    assert words in json.loads(body)["error"], path
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+def test_other_methods_get_json_405(server, method):
+    status, headers, body = request(server[0], "/api/search?q=cat", method=method)
+    assert status == 405 and headers["content-type"] == "application/json"
+    assert "not allowed" in json.loads(body)["error"]
+
+
+def test_head_requests(server):
+    status, headers, body = request(server[0], "/", method="HEAD")
+    assert status == 200 and body == b"" and headers["content-type"].startswith("text/html")
+    assert request(server[0], "/api/image/99", method="HEAD")[0] == 404
+
+
+def test_traversal_in_the_raw_request_line(server):
+    """A request line the client does not normalise: still a JSON 404, never a file outside the index."""
+    out = raw(server[0], b"GET /images/../../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 404") and b"root:" not in out and b'"error"' in out
+
+
+def test_long_query_is_refused_fast_and_memory_stays_flat(server):
+    base, _ = server
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    status, _, body = request(base, "/api/search?q=" + "cat+" * 16000)  # 64 KB of query: above the head limit
+    assert status == 400 and "at most 16384" in json.loads(body)["error"] and time.perf_counter() - t0 < 1.0
+    t0 = time.perf_counter()
+    status, _, body = request(base, "/api/search?q=" + "cat+" * 3000)  # 12 KB: above the query's character limit
+    assert status == 400 and "query too long: 12000 characters" in json.loads(body)["error"]
+    assert time.perf_counter() - t0 < 1.0
+    # under the character limit but far above the model's useful length: cut, and the answer says so
+    t0 = time.perf_counter()
+    status, _, body = request(base, "/api/search?q=" + "a+red+cat+" * 66)  # 198 words
+    res = json.loads(body)
+    assert status == 200 and res["truncated"] == {"words": 198, "kept": 64} and len(res["hits"]) == 10
+    assert time.perf_counter() - t0 < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KB: < 200 MB
+
+
+def test_request_head_above_16_kb_gets_json_400(server):
+    out = raw(server[0], b"GET /api/info HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400") and b"at most 16384" in out and b'"error"' in out
+    # the same, arriving in pieces (h11 refuses it before it is complete)
+    host, port = server[0].split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"GET /api/info HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        for _ in range(5):
+            s.sendall(b"a" * 5000)
+            time.sleep(0.05)
+        out = s.recv(65536)
+    assert out.startswith(b"HTTP/1.1 400") and b"at most 16384" in out
+
+
+def test_unknown_words_are_listed_and_a_query_of_none_gets_no_hits(server):
+    base, _ = server
+    res = json.loads(request(base, "/api/search?q=zebra+giraffe")[2])
+    assert res["hits"] == [] and res["unknown_words"] == ["zebra", "giraffe"] and "vocabulary" in res["notice"]
+    res = json.loads(request(base, "/api/search?q=%21%21%21")[2])  # "!!!"
+    assert res["hits"] == [] and "notice" in res
+    res = json.loads(request(base, "/api/search?q=a+zebra+cat&k=3")[2])
+    assert res["unknown_words"] == ["zebra"] and len(res["hits"]) == 3 and "notice" not in res
+
+
+def test_idle_and_half_header_clients_do_not_delay_others_and_are_closed(server):
+    base, _ = server
+    host, port = base.split("//")[1].split(":")
+    idle = socket.create_connection((host, int(port)))
+    half = socket.create_connection((host, int(port)))
+    half.sendall(b"GET /api/info HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    try:
+        t0 = time.perf_counter()
+        assert request(base, "/api/info")[0] == 200
+        assert time.perf_counter() - t0 < 0.3
+        for s in (idle, half):  # closed by the header timeout (1 s here), no answer
+            s.settimeout(5)
+            assert s.recv(100) == b""
+    finally:
+        idle.close()
+        half.close()
+
+
+def test_model_pool_full_gives_503_while_cheap_requests_stay_fast(setup):  # noqa: F811
+    index = setup[4]
+    app = create_app(index, workers=1, queue=1)
+    slow = app.state.service.search
+
+    def search(*a):
+        time.sleep(0.6)
+        return slow(*a)
+
+    app.state.service.search = search
+    results, cheap = [], []
+    with ServerThread(app) as base:
+        threads = [threading.Thread(target=lambda: results.append(request(base, "/api/search?q=a+cat")))
+                   for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        for path in ("/api/info", "/", "/images/1"):
+            t0 = time.perf_counter()
+            assert request(base, path)[0] == 200
+            cheap.append(time.perf_counter() - t0)
+        for t in threads:
+            t.join()
+    codes = sorted(r[0] for r in results)
+    assert codes.count(200) == 2 and codes.count(503) == 4  # one running, one waiting, the rest refused
+    busy = [r for r in results if r[0] == 503]
+    assert all(r[1]["retry-after"] == "1" and "busy" in json.loads(r[2])["error"] for r in busy)
+    assert max(cheap) < 0.1
+
+
+def test_bearer_token_guards_every_api_route(setup):  # noqa: F811
+    with ServerThread(create_app(setup[4], token="s3cret")) as base:
+        for path in ("/api/info", "/api/search?q=cat", "/api/image/1", "/api/openapi.json"):
+            status, headers, body = request(base, path)
+            assert status == 401 and headers["www-authenticate"] == "Bearer" and "token" in json.loads(body)["error"]
+            assert request(base, path, headers={"Authorization": "Bearer wrong"})[0] == 401
+            assert request(base, path, headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert request(base, "/")[0] == 200 and request(base, "/images/1")[0] == 200  # not API routes
+
+
+def test_non_loopback_host_warns(setup, monkeypatch, capsys):  # noqa: F811
+    import tvrn.search.server as srv
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    monkeypatch.setattr(srv, "serve", lambda *a, **k: None)
+    assert main(["serve", str(setup[3]), "--host", "0.0.0.0"]) == 0
+    assert "WARNING" in capsys.readouterr().err
+    assert main(["serve", str(setup[3])]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- a real browser
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def rendered(url: str) -> str:
+    exe = _chromium()
+    if exe is None:
+        message = "headless Chromium is not installed: apt-get install -y chromium (.ci/run installs it)"
+        if os.environ.get("TVRN_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--user-data-dir=" + str(__import__("tempfile").mkdtemp()), "--virtual-time-budget=15000",
+           "--dump-dom", url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+
+
+def test_browser_renders_results_and_the_image_view(server):
+    """Chromium loads the page with a query in its URL, the page's script calls the API and draws the results:
+    the rendered DOM has a card per image (the page asks for 12, the gallery has 12) with its picture and its
+    captions; the image view lists ranked captions with the image's own ones marked."""
+    base, index = server
+    query = index.captions[7]
+    dom = rendered(base + "/?q=" + urllib.parse.quote(query))
+    results = dom.split('<div id="results">', 1)[1].split("<script>")[0]  # rendered (the script holds templates)
+    cards = results.split('<div class="card">')[1:]
+    assert len(cards) == 12, dom[:3000]
+    assert all('<img src="/images/' in c and "<li>" in c for c in cards)  # picture and captions on every card
+    top = index.search_text(query, k=1)[0].index  # the page's first card is the API's first hit
+    assert f'src="/images/{top}"' in cards[0]
+    assert "12 images for" in dom and "12 images · 60 captions" in dom  # status line, /api/info header
+    dom = rendered(base + "/?image=3")
+    assert 'alt="image 3"' in dom
+    items = re.findall(r'<li class="(relevant)?">', dom.split('<div id="results">', 1)[1].split("<script>")[0])
+    want = index.search_image(3, k=12, shortlist=60)
+    assert len(items) == 12 and [bool(x) for x in items] == [h.image_index == 3 for h in want]
