@@ -13,8 +13,10 @@ _CHOICES = {
     "text_encoder": ("gru", "bert"),
     "reasoning": ("sgr", "saf"),
     "direction": ("t2i", "i2t"),
-    "agg": ("lse", "mean"),
-    "pool": ("mean", "max"),
+    "agg": ("lse", "mean", "max", "sum"),
+    "pool": ("mean", "max", "gpo"),
+    "attention_norm": ("clipped_l2norm", "l2norm", "softmax", "l1norm", "clipped_l1norm", "clipped", "no_norm"),
+    "image_pool_norm": ("layer", "batch"),
 }
 
 
@@ -30,20 +32,31 @@ class ModelConfig:
     vocab_size: int = 8481           # GRU vocabulary size (SCAN's Flickr30K vocabulary); set to len(vocab)
     word_dim: int = 300              # GRU word embedding size (50 to initialise from GloVe 6B 50d)
     text_layers: int = 1             # GRU layers
+    text_bidirectional: bool = True  # bidirectional GRU, directions averaged (SCAN's --bi_gru; off: one direction)
+    word_dropout: float = 0.0        # dropout on the GRU's word embeddings in training (SGRAF: 0.4)
+    image_norm: bool = True          # l2-normalise region embeddings (SCAN / SGRAF / VSE-infinity --no_imgnorm: off)
+    text_norm: bool = True           # l2-normalise word embeddings (--no_txtnorm: off)
     bert_path: str = "bert-base-uncased"  # Hugging Face model name or local folder for text_encoder='bert'
     # attention
     lambda_softmax: float = 9.0      # inverse temperature of every attention softmax (SCAN's smooth)
     dropout: float = 0.4             # dropout inside the self-attention pooling (SGRAF's VisualSA / TextSA)
     # SCAN
     direction: str = "t2i"           # SCAN attention direction: words attend regions (t2i) or regions attend words
-    agg: str = "lse"                 # SCAN aggregation of per-word / per-region cosines: LogSumExp or mean
+    agg: str = "lse"                 # SCAN aggregation of per-word / per-region cosines: LogSumExp, mean, max, sum
     lambda_lse: float = 6.0          # SCAN LogSumExp temperature
+    attention_norm: str = "clipped_l2norm"  # SCAN's raw_feature_norm: how raw scores are normalised across the
+                                     # queries before the softmax (clipped_l2norm: LeakyReLU 0.1 then l2, SCAN's best)
     # VSE
-    pool: str = "mean"               # VSE pooling of regions and words
+    pool: str = "mean"               # VSE pooling of regions and words (gpo: VSE-infinity's generalized pooling)
+    gpo_dim: int = 32                # GPO: positional-encoding size and its GRU's hidden size
     # SGRAF / TVRN
     reasoning: str = "sgr"           # similarity reasoning: graph reasoning (SGR) or attention filtration (SAF)
     sgr_steps: int = 3               # SGR message-passing steps
     global_node: bool = True         # use the global similarity node (image g vs caption t_glo)
+    image_pool_norm: str = "layer"   # norm in the image self-attention pooling: LayerNorm over D (any token count),
+                                     # or SGRAF's BatchNorm (per token slot and on the guide vector; needs exactly
+                                     # image_pool_tokens tokens; in training it normalises over the batch's images)
+    image_pool_tokens: int = 36      # token slots of the BatchNorm pooling (SGRAF: 36 regions)
     # TVRN modules (all False: exactly SGRAF)
     relational_context: bool = True  # C_rel = Attn(V, V) in the context IRs
     spatial_context: bool = True     # IoU-masked attention in the context IRs (needs images.adjacency)

@@ -39,18 +39,35 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> t
     return torch.softmax(logits.masked_fill(~mask, NEG), dim=dim)
 
 
+def normalise_scores(scores: torch.Tensor, mask: torch.Tensor, norm: str = "clipped_l2norm") -> torch.Tensor:
+    """SCAN's raw_feature_norm of raw scores (..., Lq, Lc) across the queries (dim -2), masked entries 0:
+    clipped_l2norm (LeakyReLU 0.1, then l2; SCAN's default and the only one TVRN / SGRAF use), l2norm, softmax,
+    l1norm, clipped_l1norm (LeakyReLU first), clipped (LeakyReLU only) or no_norm."""
+    if norm == "softmax":
+        return torch.softmax(scores.masked_fill(~mask, NEG), dim=-2).masked_fill(~mask, 0.0)
+    s = scores if norm in ("l2norm", "l1norm", "no_norm") else F.leaky_relu(scores, 0.1)
+    s = s.masked_fill(~mask, 0.0)
+    if norm in ("clipped_l2norm", "l2norm"):
+        return l2norm(s, dim=-2)
+    if norm in ("clipped_l1norm", "l1norm"):
+        return s / (s.abs().sum(-2, keepdim=True) + EPS)
+    if norm in ("clipped", "no_norm"):
+        return s
+    raise ValueError(f"unknown attention norm {norm!r}")
+
+
 def attention_weights(scores: torch.Tensor, mask: torch.Tensor, lam: float,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None, norm: str = "clipped_l2norm") -> torch.Tensor:
     """SCAN's attention weights from raw scores.
 
     scores (..., Lq, Lc): s[i, j] = <key_j, query_i>; mask broadcastable to (..., Lq, Lc), True where query i may
-    attend context j. The scores are rectified (LeakyReLU 0.1), l2-normalised across the queries i for each
-    context j (masked entries excluded), then a softmax over j of lam * s (+ bias, a log-prior over j).
-    Returns (..., Lq, Lc); rows of padded queries are finite garbage the caller must ignore.
+    attend context j. The scores are normalised across the queries i for each context j (`normalise_scores`;
+    default: rectified with LeakyReLU 0.1 and l2-normalised, masked entries excluded), then a softmax over j of
+    lam * s (+ bias, a log-prior over j). Returns (..., Lq, Lc); rows of padded queries are finite garbage the
+    caller must ignore.
     """
-    s = F.leaky_relu(scores, 0.1).masked_fill(~mask, 0.0)
-    s = l2norm(s, dim=-2)  # across queries
-    logits = lam * s
+    mask = mask.expand_as(scores)
+    logits = lam * normalise_scores(scores, mask, norm)
     if bias is not None:
         logits = logits + bias
     return masked_softmax(logits, mask.expand_as(logits), dim=-1)
@@ -105,12 +122,23 @@ class SelfAttentionPool(nn.Module):
     encodings: both passes, and every image the caption is paired with, use the same ones.
     """
 
-    def __init__(self, dim: int, dropout: float, layer_norm: bool):
+    def __init__(self, dim: int, dropout: float, norm: str | None, tokens: int | None = None):
+        """norm: "layer" (LayerNorm over D), "batch" (SGRAF's VisualSA: BatchNorm1d over the `tokens` slots of
+        the local embeddings and BatchNorm1d(D) on the guide vector) or None (TextSA)."""
         super().__init__()
         self.local = nn.Linear(dim, dim)
         self.glob = nn.Linear(dim, dim)
-        self.local_norm = nn.LayerNorm(dim) if layer_norm else nn.Identity()
-        self.glob_norm = nn.LayerNorm(dim) if layer_norm else nn.Identity()
+        if norm == "batch":
+            if not tokens:
+                raise ValueError("BatchNorm pooling needs its number of token slots")
+            self.local_norm, self.glob_norm = nn.BatchNorm1d(tokens), nn.BatchNorm1d(dim)
+        elif norm == "layer":
+            self.local_norm, self.glob_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        elif norm is None:
+            self.local_norm, self.glob_norm = nn.Identity(), nn.Identity()
+        else:
+            raise ValueError(f"unknown pooling norm {norm!r}")
+        self.tokens = tokens if norm == "batch" else None
         self.common = nn.Linear(dim, 1, bias=False)  # a bias would cancel in the softmax (SGRAF has one)
         self.drop = nn.Dropout(dropout)
 
@@ -135,6 +163,8 @@ class SelfAttentionPool(nn.Module):
 
     def forward(self, x, mask, local=None, drop_glob: torch.Tensor | None = None):
         """local: e_n (..., N, D) if the caller has it; drop_glob: keep-mask of e_g, or None."""
+        if self.tokens is not None and (x.dim() != 3 or x.shape[1] != self.tokens):
+            raise ValueError(f"BatchNorm pooling was built for (B, {self.tokens}, D) tokens, got {tuple(x.shape)}")
         mask = mask.expand(x.shape[:-1])  # (..., N)
         e_g = self.embed_global(masked_mean(x, mask), drop_glob)  # (..., D)
         e_l = self.embed_local(x) if local is None else local  # (..., N, D)
@@ -204,17 +234,20 @@ def gru_input(cell: nn.GRUCell, x: torch.Tensor) -> torch.Tensor:
 
 
 class RegionEncoder(nn.Module):
-    """Region features (B, R, Dv), mask (B, R) -> content IRs V = l2(FC(F)) (B, R, D), padded rows zero."""
+    """Region features (B, R, Dv), mask (B, R) -> content IRs V = l2(FC(F)) (B, R, D), padded rows zero
+    (normalize=False: FC(F), SCAN's --no_imgnorm)."""
 
-    def __init__(self, img_dim: int, embed_size: int):
+    def __init__(self, img_dim: int, embed_size: int, normalize: bool = True):
         super().__init__()
         self.fc = nn.Linear(img_dim, embed_size)
+        self.normalize = normalize
         r = math.sqrt(6.0) / math.sqrt(img_dim + embed_size)  # SCAN / SGRAF init
         nn.init.uniform_(self.fc.weight, -r, r)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, features, mask):
-        return l2norm(self.fc(features)) * mask.unsqueeze(-1)  # (B, R, D)
+        v = self.fc(features)
+        return (l2norm(v) if self.normalize else v) * mask.unsqueeze(-1)  # (B, R, D)
 
 
 class GraphReasoning(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .registry import make_config, register_model
 from .scan import SCAN
 from .tvrn import TVRN
-from .vse import VSE
+from .vse import VSE, VSEGPO
 
 _SGRAF = dict(relational_context=False, spatial_context=False, unify=False, refine_text=False, global_gates=False)
 
@@ -55,3 +55,15 @@ def scan_i2t(**kw):
 def vse(**kw):
     """Dual encoder: mean-pooled regions and words, cosine."""
     return VSE(make_config("vse", dict(pool="mean"), kw))
+
+
+@register_model("vse_gpo")
+def vse_gpo(**kw):
+    """VSE-infinity: FC + MLP regions and GRU words, both pooled by GPO (the strongest region-feature dual encoder)."""
+    return VSEGPO(make_config("vse_gpo", dict(pool="gpo"), kw))
+
+
+@register_model("vse_gpo_bert")
+def vse_gpo_bert(**kw):
+    """VSE-infinity with a BERT-style text encoder (set bert_path to a local folder offline)."""
+    return VSEGPO(make_config("vse_gpo_bert", dict(pool="gpo", text_encoder="bert"), kw))

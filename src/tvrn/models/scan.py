@@ -24,8 +24,14 @@ class SCAN(RetrievalModel):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.img_enc = RegionEncoder(config.img_dim, config.embed_size)
+        self.img_enc = RegionEncoder(config.img_dim, config.embed_size, normalize=config.image_norm)
         self.txt_enc = build_text_encoder(config)
+
+    @property
+    def _unit_queries(self) -> bool:
+        """Queries (words for t2i, regions for i2t) are unit vectors: the cosine needs no division by their norm."""
+        c = self.config
+        return c.text_norm if c.direction == "t2i" else c.image_norm
 
     def encode_image(self, images) -> EncodedImages:
         mask = images.mask.bool()
@@ -40,8 +46,8 @@ class SCAN(RetrievalModel):
 
     def score(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
         """(Ni, Nt) aggregated cosines, rows images, columns captions (fast path for inference)."""
-        if self.training or torch.is_grad_enabled():
-            return self._score_plain(images, texts)
+        if self.training or torch.is_grad_enabled() or self.config.attention_norm != "clipped_l2norm":
+            return self._score_plain(images, texts)  # the fast kernel is written for the default normalisation
         return self._score_fast(images, texts)
 
     def pair_bytes(self, images: EncodedImages, texts: EncodedTexts) -> int:
@@ -67,21 +73,30 @@ class SCAN(RetrievalModel):
         V, T, lam = images.regions, texts.words, self.config.lambda_softmax  # (Ni, R, D), (Nt, L, D)
         if self.config.direction == "t2i":  # context regions (owned by images), queries words
             cos = scan_cross_attention(V, vmask, T, tmask, lam, gram=images.units_gram)  # (Ni, Nt, L)
+            if not self._unit_queries:
+                cos = cos / T.norm(dim=-1).clamp_min(EPS)[None]  # cosine with non-unit words
             return self._aggregate(cos, None if tmask is None else tmask[None])  # (Ni, Nt)
         cos = scan_cross_attention(T, tmask, V, vmask, lam)  # (Nt, Ni, R): context words, queries regions
+        if not self._unit_queries:
+            cos = cos / V.norm(dim=-1).clamp_min(EPS)[None]
         return self._aggregate(cos, None if vmask is None else vmask[None]).t()  # (Ni, Nt)
 
     def _aggregate(self, cos: torch.Tensor, qmask) -> torch.Tensor:
         """(..., Lq) cosines, qmask broadcastable to them (True: real query) or None (all real) -> (...):
-        LogSumExp or mean over the real queries."""
+        LogSumExp (lambda_lse), mean, max or sum over the real queries (SCAN's agg_func)."""
         c = self.config
         if c.agg == "lse":
             z = c.lambda_lse * cos
             return torch.logsumexp(z if qmask is None else z.masked_fill(~qmask, NEG), -1) / c.lambda_lse
-        if qmask is None:
-            return cos.mean(-1)
-        qmask = qmask.expand_as(cos)
-        return (cos * qmask).sum(-1) / qmask.sum(-1).clamp_min(1)
+        if c.agg == "max":
+            return (cos if qmask is None else cos.masked_fill(~qmask, NEG)).amax(-1)
+        if qmask is not None:
+            qmask = qmask.expand_as(cos)
+            cos = cos * qmask
+        total = cos.sum(-1)
+        if c.agg == "sum":
+            return total
+        return total / (cos.shape[-1] if qmask is None else qmask.sum(-1).clamp_min(1))
 
     def _score_plain(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
         """The plain computation (autograd, training) for all pairs (Ni, Nt)."""
@@ -110,9 +125,11 @@ class SCAN(RetrievalModel):
             q, ctx, qmask, cmask = V, T, vmask, tmask
         s = q @ ctx.transpose(-1, -2)  # (.., Lq, D) @ (.., D, Lc) -> (.., Lq, Lc)
         m = qmask[..., :, None] & cmask[..., None, :]  # (.., Lq, Lc)
-        a = attention_weights(s, m, c.lambda_softmax)  # (.., Lq, Lc)
+        a = attention_weights(s, m, c.lambda_softmax, norm=c.attention_norm)  # (.., Lq, Lc)
         attended = l2norm(a @ ctx)  # (.., Lq, Lc) @ (.., Lc, D) -> (.., Lq, D)
         cos = (attended * q).sum(-1)  # (.., Lq)
+        if not self._unit_queries:
+            cos = cos / q.norm(dim=-1).clamp_min(EPS)  # SCAN's cosine_similarity with non-unit queries
         return self._aggregate(cos, qmask)
 
 

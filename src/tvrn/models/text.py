@@ -23,23 +23,30 @@ from .layers import l2norm
 
 
 class GRUTextEncoder(nn.Module):
-    """tokens (B, L) long, mask (B, L) -> T (B, L, D). Captions are padded at the end (mask is a prefix)."""
+    """tokens (B, L) long, mask (B, L) -> T (B, L, D). Captions are padded at the end (mask is a prefix).
 
-    def __init__(self, vocab_size: int, word_dim: int, embed_size: int, num_layers: int = 1):
+    bidirectional: directions averaged (SCAN / SGRAF); else one direction. word_dropout: on the word embeddings
+    in training (SGRAF's 0.4). normalize: l2 per word (SCAN's --no_txtnorm turns it off)."""
+
+    def __init__(self, vocab_size: int, word_dim: int, embed_size: int, num_layers: int = 1,
+                 bidirectional: bool = True, word_dropout: float = 0.0, normalize: bool = True):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, word_dim)
-        self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=True)
+        self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=bidirectional)
+        self.word_dropout = nn.Dropout(word_dropout) if word_dropout > 0 else nn.Identity()
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)  # SCAN's init
-        self.embed_size = embed_size
+        self.embed_size, self.bidirectional, self.normalize = embed_size, bidirectional, normalize
 
     def forward(self, tokens, mask):
         B, L = tokens.shape
         lengths = mask.sum(1).clamp_min(1).cpu()
-        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
+        packed = pack_padded_sequence(self.word_dropout(self.embed(tokens)), lengths, batch_first=True,
+                                      enforce_sorted=False)
         out, _ = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=L)  # (B, L, 2D)
-        out = (out[..., :self.embed_size] + out[..., self.embed_size:]) / 2  # (B, L, D) directions averaged
-        return l2norm(out) * mask.unsqueeze(-1)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=L)  # (B, L, 2D) or (B, L, D)
+        if self.bidirectional:
+            out = (out[..., :self.embed_size] + out[..., self.embed_size:]) / 2  # (B, L, D) directions averaged
+        return (l2norm(out) if self.normalize else out) * mask.unsqueeze(-1)
 
     @torch.no_grad()
     def load_word_vectors(self, vectors: torch.Tensor, found: torch.Tensor) -> int:
@@ -92,10 +99,12 @@ def _load_auto_model(path: str):
 
 
 class BertTextEncoder(nn.Module):
-    """tokens (B, L) word-piece ids, mask (B, L) -> T (B, L, D) = l2(W h) of the encoder's last hidden states."""
+    """tokens (B, L) word-piece ids, mask (B, L) -> T (B, L, D) = l2(W h) of the encoder's last hidden states
+    (normalize=False: W h)."""
 
-    def __init__(self, path: str, embed_size: int):
+    def __init__(self, path: str, embed_size: int, normalize: bool = True):
         super().__init__()
+        self.normalize = normalize
         self.bert = _load_auto_model(path)
         hidden = self.bert.config.hidden_size
         self.fc = nn.Linear(hidden, embed_size)
@@ -105,7 +114,8 @@ class BertTextEncoder(nn.Module):
 
     def forward(self, tokens, mask):
         h = self.bert(input_ids=tokens, attention_mask=mask.long()).last_hidden_state  # (B, L, H)
-        return l2norm(self.fc(h)) * mask.unsqueeze(-1)  # (B, L, D)
+        t = self.fc(h)
+        return (l2norm(t) if self.normalize else t) * mask.unsqueeze(-1)  # (B, L, D)
 
 
 class BertTokenizer:
@@ -136,7 +146,10 @@ class BertTokenizer:
         return len(self._tok)
 
 
-def build_text_encoder(config: ModelConfig) -> nn.Module:
+def build_text_encoder(config: ModelConfig, normalize: bool | None = None) -> nn.Module:
+    """The text encoder of a config; normalize overrides config.text_norm (VSE-infinity pools unnormalised words)."""
+    norm = config.text_norm if normalize is None else normalize
     if config.text_encoder == "bert":
-        return BertTextEncoder(config.bert_path, config.embed_size)
-    return GRUTextEncoder(config.vocab_size, config.word_dim, config.embed_size, config.text_layers)
+        return BertTextEncoder(config.bert_path, config.embed_size, normalize=norm)
+    return GRUTextEncoder(config.vocab_size, config.word_dim, config.embed_size, config.text_layers,
+                          bidirectional=config.text_bidirectional, word_dropout=config.word_dropout, normalize=norm)

@@ -44,11 +44,11 @@ class TVRN(RetrievalModel):
         super().__init__()
         self.config = c = config
         D, S = c.embed_size, c.sim_dim
-        self.img_enc = RegionEncoder(c.img_dim, D)
+        self.img_enc = RegionEncoder(c.img_dim, D, normalize=c.image_norm)
         self.txt_enc = build_text_encoder(c)
         # SGRAF: global pooling, similarity encoding, reasoning, score
-        self.image_pool = SelfAttentionPool(D, c.dropout, layer_norm=True)
-        self.text_pool = SelfAttentionPool(D, c.dropout, layer_norm=False)
+        self.image_pool = SelfAttentionPool(D, c.dropout, c.image_pool_norm, c.image_pool_tokens)
+        self.text_pool = SelfAttentionPool(D, c.dropout, None)
         self.sim_local = nn.Linear(D, S)
         if c.global_node:
             self.sim_global = nn.Linear(D, S)
