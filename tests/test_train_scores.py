@@ -216,19 +216,28 @@ def test_score_path_follows_the_gradient_density():
     assert ScorePath(None, sparse_loss=True).forward_kwargs(False) == {}
 
 
-@pytest.mark.parametrize("name", ["tvrn_sgr", "scan_t2i"])
+@pytest.mark.parametrize("name", ["tvrn_sgr", "sgraf_sgr", "scan_t2i"])
 def test_blocked_path_under_bf16_autocast(name):
-    """The accelerator recipe (autocast bf16) on the CPU: pass 1 and the recomputation both run under autocast.
-    Gradients are finite and agree with the plain path under the same autocast to 2% (both are 3-15% from
-    fp32 at these tiny sizes: bf16 keeps 8 bits of mantissa; measured 0.3-0.5% between the two paths)."""
+    """The accelerator recipe on the CPU: forward under autocast (bf16), backward outside it, as AMP training
+    does; the recomputation must replay the forward's autocast (the encodings mix bf16 regions and fp32 words).
+    Gradients are finite and agree with the plain path under the same autocast to 2% (both are 3-15% from fp32
+    at these tiny sizes: bf16 keeps 8 bits of mantissa; measured 0.3-0.5% between the two paths)."""
     model = build(name, dropout=0.0).train()
     images, texts = make_images(4), make_texts(model, 4)
     w = torch.randn(4, 4, generator=torch.Generator().manual_seed(4))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        S, got, _ = _step(model, images, texts, True, w)
-        S0, ref, _ = _step(model, images, texts, False, w)
-    assert S.dtype == torch.float32 and torch.isfinite(S).all()
-    torch.testing.assert_close(S, S0.float(), atol=2e-2, rtol=0)
-    flat = lambda g: torch.cat([g[k].float().flatten() for k in sorted(g)])  # noqa: E731
+
+    def step(blocked):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ei, et = model.encode_image(images), model.encode_text(texts)
+            S = score_all_train(model, ei, et, memory_budget_mb=1.0) if blocked else model.score(ei, et)
+        (S.float() * w).sum().backward()  # outside autocast
+        return S.float().detach(), {k: p.grad.float().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    S, got = step(True)
+    S0, ref = step(False)
+    assert torch.isfinite(S).all()
+    torch.testing.assert_close(S, S0, atol=2e-2, rtol=0)
+    flat = lambda g: torch.cat([g[k].flatten() for k in sorted(g)])  # noqa: E731
     assert set(got) == set(ref) and torch.isfinite(flat(got)).all()
     assert (flat(got) - flat(ref)).norm() <= 0.02 * flat(ref).norm()

@@ -496,8 +496,9 @@ class _TrainScores(torch.autograd.Function):
             n = None if lengths is None else int(run_len[q])
             end = len(ii) if lengths is None else int(torch.searchsorted(run_len, n, right=True))
             txt_src = enc_t if n is None else enc_t.trim(n)
-            if n not in per_length:
-                per_length[n] = max(1, int(budget // max(1, train_pair_bytes(model, enc_i, txt_src))))
+            if n not in per_length:  # measured under the forward's autocast, as the recomputation runs
+                with autocast:
+                    per_length[n] = max(1, int(budget // max(1, train_pair_bytes(model, enc_i, txt_src))))
             for c0 in range(q, end, per_length[n]):
                 ci, cj = ii[c0:min(end, c0 + per_length[n])], jj[c0:min(end, c0 + per_length[n])]
                 chunks += 1
