@@ -9,6 +9,8 @@ Two suites, each a grid of (configuration, seed) runs; every finished run is app
   bag-of-regions dual encoder: a mean of per-region embeddings, each region contributing on its own).
 - study: TVRN (SGR); TVRN with each of spatial context, relational context, module 1, module 2 and module 3's
   gates switched off alone; SGRAF (SGR); SCAN t2i; VSE.
+- twins: the training signal. A uniform shuffle rarely puts both twins of a pair in one batch, so the loss
+  rarely asks for binding; here `train.partner_file` (the twins of the train split) keeps them together.
 
 Each run: `demo_synth` widths (D=64, S=32), the sum-over-negatives loss, lr --lr for --epochs epochs with a drop
 to a fifth at --milestone, early stop after --patience epochs without dev RSUM gain, the best-dev checkpoint
@@ -41,6 +43,13 @@ SUITES = {
         "SCAN t2i, merged evidence": ["model.name=scan_t2i", "@merged"],
         "TVRN, merged evidence": TVRN + ["@merged"],
     },
+    "twins": {  # the training signal: the same models with both twins of a pair in every batch
+        "TVRN, twin batches": TVRN + ["@partners"],
+        "TVRN w/o spatial context, twin batches": TVRN + ["model.spatial_context=false", "@partners"],
+        "SGRAF (SGR), twin batches": ["model.name=sgraf_sgr", "@partners"],
+        "SCAN t2i, twin batches": ["model.name=scan_t2i", "@partners"],
+        "VSE, twin batches": ["model.name=vse", "@partners"],
+    },
     "study": {
         "TVRN": TVRN,
         "TVRN w/o spatial context": TVRN + ["model.spatial_context=false"],
@@ -68,6 +77,18 @@ def ensure_data(root: Path, merged: bool) -> Path:
     path = root.parent / (root.name + "_merged") if merged else root
     if not (path / "manifest.json").exists():
         write_dataset(path, SynthConfig(merge_evidence=merged, render_images=False))
+    return path
+
+
+def partner_file(root: Path) -> Path:
+    """root/train_partners.json: each training image's twin or -1 (written once)."""
+    from tvrn.data.synth import twin_partners
+
+    path = root / "train_partners.json"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(twin_partners(root, "train")))
+        tmp.replace(path)
     return path
 
 
@@ -102,6 +123,8 @@ def one_run(a, suite: str, name: str, seed: int) -> dict:
     overrides = SUITES[suite][name]
     root = ensure_data(Path(a.data), "@merged" in overrides)
     sets = [o for o in overrides if not o.startswith("@")]
+    if "@partners" in overrides:
+        sets.append(f"train.partner_file={partner_file(root)}")
     cfg = resolve_config("demo_synth", [f"data.root={root}", *sets, f"train.seed={seed}", f"train.epochs={a.epochs}",
                                         f"train.lr={a.lr}", f"train.lr_milestones=[{a.milestone}]", "train.lr_gamma=0.2",
                                         f"train.patience={a.patience}"])
@@ -141,6 +164,8 @@ def run_grid(a) -> None:
     todo = [(s, n, seed) for seed in a.seeds for s in a.suite for n in SUITES[s] if (s, n, seed) not in done_runs(out)]
     for merged in sorted({"@merged" in SUITES[s][n] for s, n, _ in todo}):  # before two jobs race to write them
         ensure_data(Path(a.data), merged)
+    if any("@partners" in SUITES[s][n] for s, n, _ in todo):
+        partner_file(Path(a.data))
     print(f"{len(todo)} runs to do", file=sys.stderr, flush=True)
     running: list[tuple[subprocess.Popen, tuple]] = []
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
@@ -209,7 +234,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), dpi=110)
+    fig, axes = plt.subplots(1, len(SUITES), figsize=(6.5 * len(SUITES), 4.6), dpi=110)
     for ax, suite in zip(axes, SUITES):
         for k, name in enumerate(SUITES[suite]):
             g = [r["dev_rsum_per_epoch"] for r in rows if r["suite"] == suite and r["config"] == name]
@@ -231,7 +256,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", nargs="*", default=["study", "probe"], choices=list(SUITES))
+    ap.add_argument("--suite", nargs="*", default=["study", "probe", "twins"], choices=list(SUITES))
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each by default)")
     ap.add_argument("--threads", type=int, default=1)

@@ -135,3 +135,49 @@ def test_sum_loss_epochs_switch_the_loss(tmp_path):
         other = max_loss if rec["epoch"] == 0 else sum_loss
         assert rec["train/loss"] == pytest.approx(float(want(scores, ids)), rel=1e-5)
         assert float(other(scores, ids)) != pytest.approx(rec["train/loss"], rel=1e-3)
+
+
+def test_partner_order_puts_partners_next_to_each_other():
+    from tvrn.train.sampling import partner_order, shard_batches
+
+    c2i = torch.arange(40) // 5  # 8 images, 5 captions each
+    partners = [3, -1, 5, 0, -1, 2, -1, -1]
+    order = partner_order(c2i, partners, seed=1, epoch=2)
+    assert sorted(order) == list(range(40))  # every caption once
+    assert order == partner_order(c2i, partners, seed=1, epoch=2) != partner_order(c2i, partners, seed=1, epoch=3)
+    follows = 0
+    for k, c in enumerate(order[:-1]):
+        p = partners[int(c2i[c])]
+        if p >= 0 and int(c2i[order[k + 1]]) == p:
+            follows += 1
+    assert follows >= 10  # each of the 4 partnered images' captions brings one of its partner's (20 pairs at best)
+    for rank in range(3):
+        got = shard_batches(order, 4, rank, 3)
+        assert len(got) == 16 and all(b in order for b in got)
+    assert shard_batches(order, 4, 0, 3)[:4] == order[:4] and shard_batches(order, 4, 1, 3)[:4] == order[4:8]
+
+
+def test_trainer_uses_the_order_function(tmp_path):
+    seen = []
+    split = make_split(6, caps_per_image=2, seed=0)
+    order = list(range(11, -1, -1))  # reversed
+    cfg = TrainConfig(epochs=1, batch_size=4, out_dir=str(tmp_path), tensorboard=False, patience=0)
+    seed_everything(0)
+    Trainer(ToyModel(), cfg, train_dataset=PairDataset(split), collate_fn=make_collate(split, seen),
+            order_fn=lambda epoch: order).fit()
+    assert seen == order
+
+
+def test_partner_file_is_checked(tmp_path):
+    from tvrn.config import ConfigError
+    from tvrn.data.synth import SynthConfig, write_dataset
+    from tvrn.pipeline import resolve_config, train_from_config
+
+    data = tmp_path / "d"
+    write_dataset(data, SynthConfig(seed=1, train_images=4, dev_images=2, test_images=2, render_images=False))
+    bad = tmp_path / "partners.json"
+    bad.write_text("[0, 1]")
+    cfg = resolve_config("demo_synth", [f"data.root={data}", "model.name=vse", f"train.partner_file={bad}",
+                                        "train.epochs=1"])
+    with pytest.raises(ConfigError, match="expected a list of 4 image indices"):
+        train_from_config(cfg, tmp_path / "run")

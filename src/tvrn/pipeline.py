@@ -138,6 +138,7 @@ def train_from_config(cfg: dict, out_dir: str | os.PathLike, resume: bool | str 
         model, tcfg, train_dataset=dataset, collate_fn=dataset.collate,
         validate=make_validate(dev_split, tokenizer, data), model_name=cfg["model"]["name"],
         vocab=vocab.to_json_dict() if vocab is not None else None, device=device, progress=progress,
+        order_fn=_partner_order_fn(tcfg, train_split),
     )
     summary = trainer.fit(resume=resume)
     summary["model_name"] = cfg["model"]["name"]
@@ -196,6 +197,27 @@ def check_resume(run: dict, out_dir: str | os.PathLike, resume: bool | str) -> N
                           f"{describe_differences(saved_run_config(out_dir), run, conflicts)}; resume with the "
                           f"run's own settings (tvrn train --config {Path(out_dir) / 'run.json'} --resume) or "
                           f"choose a new --out")
+
+
+def _partner_order_fn(tcfg: TrainConfig, split: PrecompSplit) -> Optional[Callable[[int], list]]:
+    """train.partner_file -> epoch -> caption order with partner images' captions together (or None)."""
+    if not tcfg.partner_file:
+        return None
+    import json
+
+    from .train.sampling import partner_order
+
+    path = Path(tcfg.partner_file)
+    try:
+        partners = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"train.partner_file {path}: cannot read a JSON list ({e})") from None
+    if not isinstance(partners, list) or len(partners) != split.num_images or \
+            any(not isinstance(p, int) or not -1 <= p < split.num_images for p in partners):
+        raise ConfigError(f"train.partner_file {path}: expected a list of {split.num_images} image indices or -1 "
+                          f"(one per training image)")
+    c2i = split.caption_to_image
+    return lambda epoch: partner_order(c2i, partners, tcfg.seed, epoch)
 
 
 def model_from_checkpoint(ckpt: dict, source: str = "<checkpoint>"):

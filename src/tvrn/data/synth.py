@@ -814,3 +814,14 @@ def write_dataset(
     _write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     seconds["total"] = time.perf_counter() - t0
     return SynthResult(out, manifest, seconds)
+
+
+def twin_partners(root: str | Path, split: str = "train") -> list[int]:
+    """For each image of a written split, its hard-negative twin (both ways) or -1, from SPLIT_scenes.jsonl: the
+    partner map of `train.partner_file` (tvrn.train.sampling), so that batches hold both twins."""
+    scenes = [json.loads(x) for x in (Path(root) / f"{split}_scenes.jsonl").read_text().splitlines()]
+    out = [-1] * len(scenes)
+    for i, s in enumerate(scenes):
+        if s.get("twin") is not None:
+            out[i], out[int(s["twin"])] = int(s["twin"]), i
+    return out

@@ -45,6 +45,7 @@ from ..losses import ContrastiveLoss
 from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
 from .distributed import DistInfo, broadcast_object, gather_objects, init_distributed
 from .runlog import RunLogger
+from .sampling import shard_batches
 from .schedule import lr_at, set_lr
 
 
@@ -81,6 +82,9 @@ class TrainConfig:
                                                # (fast path), recomputed in backward where the gradient is non-zero
                                                # (tvrn.scoring.score_all_train); null: the plain path, which keeps
                                                # the activations of all B x B pairs
+    partner_file: Optional[str] = None  # JSON list, for each training image its hard-negative partner image or -1:
+                                       # batches then hold partners' captions together (tvrn.train.sampling);
+                                       # null: a uniform shuffle
     shortlist_loss_weight: float = 0.0  # > 0: add weight * sum-hinge loss on the (B, B) cosines of the model's
                                        # shortlist embeddings, which two-stage search uses (tvrn.search)
 
@@ -172,6 +176,8 @@ class Trainer:
     model_name: registry name saved in the checkpoint config (create_model(name, **config["model"])).
     vocab: optional dict saved in checkpoints. device: default cuda:LOCAL_RANK when CUDA exists, else CPU.
     progress: show a tqdm bar (stderr) on rank 0. loss_fn: overrides the ContrastiveLoss built from config.
+    order_fn: epoch -> the epoch's order of dataset indices (a function of the epoch; with train_dataset), instead
+        of a uniform shuffle; under DDP its batch-sized blocks are dealt to the ranks.
     """
 
     def __init__(
@@ -187,12 +193,14 @@ class Trainer:
         device: Optional[torch.device | str] = None,
         progress: bool = False,
         loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        order_fn: Optional[Callable[[int], list]] = None,
     ) -> None:
         if (train_dataset is None) == (loader_factory is None):
             raise ValueError("give exactly one of train_dataset (with collate_fn) or loader_factory")
         self.model, self.config = model, config
         self.train_dataset, self.collate_fn, self.loader_factory = train_dataset, collate_fn, loader_factory
         self.validate, self.model_name, self.vocab = validate, model_name, vocab
+        self.order_fn = order_fn  # epoch -> every dataset index once (built-in loader only); None: shuffled
         self.progress = progress
         self.loss_fn = loss_fn or ContrastiveLoss(config.margin, config.loss_mode, config.loss_tau, config.loss_reduction)
         self.warmup_loss_fn = ContrastiveLoss(config.margin, "sum", config.loss_tau, config.loss_reduction)
@@ -247,11 +255,14 @@ class Trainer:
             it = self.loader_factory(epoch)
             total = len(it) if hasattr(it, "__len__") else None
             return islice(iter(it), start_batch, None), total
-        sampler = DistributedSampler(
-            self.train_dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=cfg.seed
-        )
-        sampler.set_epoch(epoch)  # order = f(seed, epoch): torch.randperm under manual_seed(seed + epoch)
-        indices = list(sampler)
+        if self.order_fn is not None:  # e.g. hard-negative partners together; a function of (seed, epoch)
+            indices = shard_batches(self.order_fn(epoch), cfg.batch_size, self.dist.rank, self.dist.world_size)
+        else:
+            sampler = DistributedSampler(
+                self.train_dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=cfg.seed
+            )
+            sampler.set_epoch(epoch)  # order = f(seed, epoch): torch.randperm under manual_seed(seed + epoch)
+            indices = list(sampler)
         n = len(indices)
         total = n // cfg.batch_size if cfg.drop_last else math.ceil(n / cfg.batch_size)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # worker seeds; never the global RNG
