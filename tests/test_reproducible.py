@@ -120,3 +120,16 @@ def test_trainer_refuses_a_checkpoint_of_another_model_config(tmp_path):
     bigger = Trainer(ToyModel(d=16), cfg, train_dataset=PairDataset(split), collate_fn=make_collate(split))
     with pytest.raises(ValueError, match=r"model\.d: 8 -> 16"):
         bigger.fit(resume=True)
+
+
+def test_resume_of_a_run_made_before_a_config_field_existed(tmp_path):
+    """A field added later (absent from the old run.json) at its default is no conflict; at another value it is."""
+    from tvrn.train.trainer import resume_conflicts
+
+    saved = {"model_name": "x", "model": {"embed_size": 16}, "train": {"lr": 0.1, "epochs": 1}}
+    now = {"model_name": "x", "model": {"embed_size": 16, "word_dropout": 0.0},
+           "train": {"lr": 0.1, "epochs": 2, "partner_file": None}}
+    assert resume_conflicts(saved, now) == []
+    now["train"]["partner_file"] = "p.json"
+    now["model"]["word_dropout"] = 0.4
+    assert resume_conflicts(saved, now) == ["model.word_dropout", "train.partner_file"]

@@ -15,14 +15,14 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError, apply_overrides, config_differences, describe_differences, load_config, save_config
+from .config import ConfigError, apply_overrides, describe_differences, load_config, save_config
 from .data import PairDataset, PrecompSplit, Vocabulary, iter_image_batches, iter_text_batches, load_split
 from .evaluation import ensemble, evaluate, evaluate_protocol, load_scores
 from .models import BertTokenizer, create_model, glove_vectors
 from .scoring import encode_images, encode_texts, score_all
 from .train.checkpoint import load_checkpoint
 from .train.distributed import init_distributed
-from .train.trainer import RESUME_MAY_CHANGE, TrainConfig, Trainer, seed_everything
+from .train.trainer import TrainConfig, Trainer, resume_conflicts, seed_everything
 
 DEFAULT_DATA = {
     "root": None,  # precomp folder (SPLIT_ims.npy, SPLIT_caps.txt, ...)
@@ -183,8 +183,7 @@ def resume_conflicts_of_run(run: dict, out_dir: str | os.PathLike) -> list[str]:
     saved = saved_run_config(out_dir)
     if saved is None:
         return []
-    return [k for k in config_differences(saved, run)
-            if not (k.startswith("train.") and k[len("train."):] in RESUME_MAY_CHANGE)]
+    return resume_conflicts(saved, run)
 
 
 def check_resume(run: dict, out_dir: str | os.PathLike, resume: bool | str) -> None:

@@ -106,8 +106,30 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     change, leaving out RESUME_MAY_CHANGE."""
     from ..config import config_differences
 
-    keys = config_differences(saved or {}, current)
-    return [k for k in keys if not (k.startswith("train.") and k[len("train."):] in RESUME_MAY_CHANGE)]
+    saved = saved or {}
+    keys = config_differences(saved, current)
+    return [k for k in keys if not (k.startswith("train.") and k[len("train."):] in RESUME_MAY_CHANGE)
+            and not _new_field_at_default(saved, current, k)]
+
+
+def _new_field_at_default(saved: dict, current: dict, key: str) -> bool:
+    """A config key the saved run predates (absent there) whose current value is the field's default: the
+    run was made before the field existed and behaved as its default does."""
+    from dataclasses import MISSING, fields
+
+    section, _, name = key.partition(".")
+    if section not in ("train", "model") or "." in name or name in (saved.get(section) or {}):
+        return False
+    if section == "train":
+        cls = TrainConfig
+    else:
+        from ..models.config import ModelConfig as cls
+    for f in fields(cls):
+        if f.name == name:
+            default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
+                                                                  else MISSING)
+            return (current.get(section) or {}).get(name, MISSING) == default
+    return False
 
 
 class ScorePath:
