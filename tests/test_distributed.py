@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tvrn.train.distributed import DistInfo, broadcast_object, gather_objects, init_distributed
@@ -15,6 +16,7 @@ TESTS = Path(__file__).parent
 SCRIPT = r"""
 import json, os, sys
 sys.path.insert(0, {tests!r})
+import pytest
 import torch
 torch.set_num_threads(1)
 from _train_toy import PairDataset, ToyModel, make_collate, make_split, make_validate
@@ -77,3 +79,66 @@ def test_two_ranks_gloo(tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len([x for x in lines if '"kind": "epoch"' in x]) == 2
     assert runs[0]["summary"]["best_rsum"] == runs[1]["summary"]["best_rsum"]  # metrics broadcast to rank 1
+
+
+GLOBAL_SCRIPT = r"""
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import pytest
+import torch
+torch.set_num_threads(1)
+from contextlib import nullcontext
+from global_negatives_case import MODELS, batch_of, build
+from tvrn.train import Trainer, TrainConfig, cleanup_distributed
+
+out = sys.argv[1]
+rank = int(os.environ["RANK"])
+results = {{}}
+for name in MODELS:
+    model = build(name)
+    cfg = TrainConfig(batch_size=8, out_dir=out, tensorboard=False, loss_mode="max", memory_budget_mb=1.0)
+    trainer = Trainer(model, cfg, loader_factory=lambda epoch: [])
+    trainer._setup()
+    assert trainer._global_negatives()  # on by default under DDP for tvrn models
+    batch = batch_of(range(8 * rank, 8 * rank + 8))
+    loss, total = trainer._global_loss(batch, trainer.loss_fn, nullcontext(), trainer.score_path.forward_kwargs(False))
+    loss.backward()
+    if rank == 0:
+        results[name] = {{"loss": float(total), "grads": {{k: p.grad.tolist() for k, p in model.named_parameters()
+                                                        if p.grad is not None}}}}
+if rank == 0:
+    with open(out + "/global.json", "w") as f:
+        json.dump(results, f)
+cleanup_distributed()
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_global_negatives_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
+    """Two gloo ranks with 8 pairs each train on the loss (and gradients) of the 16-pair batch: each rank scores
+    its images against every rank's captions and the reverse, with the blocked training path (float64 models;
+    the loss in float32, as the trainer computes it: 1e-6)."""
+    import global_negatives_case as case
+    from tvrn.losses import ContrastiveLoss
+
+    script = tmp_path / "ddp_global.py"
+    script.write_text(GLOBAL_SCRIPT.format(tests=str(TESTS)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-4000:]
+    got = json.loads((tmp_path / "global.json").read_text())
+    for name in case.MODELS:
+        model = case.build(name)
+        batch = case.batch_of(range(16))
+        scores = model(batch.images, batch.texts, memory_budget_mb=1.0)
+        loss = ContrastiveLoss(0.2, "max")(scores.float(), batch.image_ids)  # the trainer's loss is float32
+        loss.backward()
+        assert got[name]["loss"] == pytest.approx(float(loss.detach()), rel=1e-6), name
+        for k, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            g = torch.tensor(got[name]["grads"][k], dtype=p.grad.dtype)
+            assert (g - p.grad).norm() <= 1e-6 * p.grad.norm() + 1e-12, (name, k)

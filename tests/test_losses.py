@@ -71,3 +71,18 @@ def test_bad_inputs():
         ContrastiveLoss(mode="nope")
     with pytest.raises(ValueError):
         contrastive_loss(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("mode", ["max", "sum", "smooth"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_global_batch_parts_add_up_to_the_full_loss(mode, reduction):
+    """Each "rank" sees its rows and columns of the (N, N) matrix; their parts sum to the loss of the whole."""
+    from tvrn.losses import global_batch_loss_part
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(6, 6, generator=g, dtype=torch.float64)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3])  # repeated images: positives for each other
+    want = contrastive_loss(scores, ids, 0.2, mode, 0.05, reduction)
+    parts = [global_batch_loss_part(scores[o:o + 3], scores[:, o:o + 3], o, ids[o:o + 3], ids, 0.2, mode, 0.05,
+                                    reduction) for o in (0, 3)]
+    assert float(sum(parts)) == pytest.approx(float(want), rel=1e-12)

@@ -33,12 +33,21 @@ def positive_mask(image_ids_rows: torch.Tensor, image_ids_cols: torch.Tensor) ->
     return image_ids_rows.reshape(-1, 1) == image_ids_cols.reshape(1, -1)  # (Br, Bc)
 
 
-def _violations(scores: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (v_i2t, v_t2i), both (B, B): margin + s_neg - s_pos, for row queries and for column queries."""
-    diag = scores.diagonal()  # (B,) positive pair scores
-    v_i2t = margin + scores - diag.reshape(-1, 1)  # (B, B): row i query, column j candidate caption
-    v_t2i = margin + scores - diag.reshape(1, -1)  # (B, B): column j query, row i candidate image
-    return v_i2t, v_t2i
+def query_losses(scores: torch.Tensor, pos_col: torch.Tensor, excluded: torch.Tensor, margin: float = 0.2,
+                 mode: str = "max", tau: float = 0.05) -> torch.Tensor:
+    """One loss per query row. scores (Q, C): query q against candidates; pos_col (Q,) long: the column of q's
+    positive; excluded (Q, C) bool: candidates that are not negatives of q (its positive and every candidate of
+    the same image). Violation v = margin + s[q, c] - s[q, pos_col[q]]; "max": max over negatives of max(0, v),
+    "sum": their sum, "smooth": log(1 + sum_neg exp(v / tau)). -> (Q,)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown loss mode {mode!r}, expected one of {MODES}")
+    pos = scores.gather(1, pos_col.reshape(-1, 1))  # (Q, 1)
+    v = margin + scores - pos  # (Q, C)
+    if mode == "smooth":
+        e = v.masked_fill(excluded, torch.finfo(scores.dtype).min) / tau  # excluded: exp(.) = 0
+        return torch.logsumexp(torch.cat([scores.new_zeros(scores.shape[0], 1), e], 1), dim=1)  # "1 +" as exp(0)
+    c = v.clamp(min=0).masked_fill(excluded, 0.0)
+    return c.max(dim=1).values if mode == "max" else c.sum(dim=1)
 
 
 def contrastive_loss_parts(
@@ -53,22 +62,31 @@ def contrastive_loss_parts(
         raise ValueError(f"scores must be (B, B), got {tuple(scores.shape)}")
     if pos.shape != scores.shape:
         raise ValueError(f"positive mask {tuple(pos.shape)} does not match scores {tuple(scores.shape)}")
-    if mode not in MODES:
-        raise ValueError(f"unknown loss mode {mode!r}, expected one of {MODES}")
-    v_i2t, v_t2i = _violations(scores, margin)
-    if mode == "smooth":
-        neg_inf = torch.finfo(scores.dtype).min
-        e_i2t = v_i2t.masked_fill(pos, neg_inf) / tau  # (B, B) positives get exp(.) = 0
-        e_t2i = v_t2i.masked_fill(pos, neg_inf) / tau
-        zero = scores.new_zeros(scores.shape[0], 1)  # the "1 +" term as exp(0)
-        i2t = torch.logsumexp(torch.cat([zero, e_i2t], 1), dim=1)  # (B,) per image row
-        t2i = torch.logsumexp(torch.cat([zero, e_t2i.t()], 1), dim=1)  # (B,) per caption column
-        return i2t, t2i
-    c_i2t = v_i2t.clamp(min=0).masked_fill(pos, 0.0)  # (B, B)
-    c_t2i = v_t2i.clamp(min=0).masked_fill(pos, 0.0)
-    if mode == "max":
-        return c_i2t.max(dim=1).values, c_t2i.max(dim=0).values
-    return c_i2t.sum(dim=1), c_t2i.sum(dim=0)
+    diag = torch.arange(scores.shape[0], device=scores.device)  # query b's positive is candidate b
+    return (query_losses(scores, diag, pos, margin, mode, tau),  # image rows
+            query_losses(scores.t(), diag, pos.t(), margin, mode, tau))  # caption columns
+
+
+def global_batch_loss_part(rows: torch.Tensor, cols: torch.Tensor, offset: int, ids_local: torch.Tensor,
+                           ids_all: torch.Tensor, margin: float = 0.2, mode: str = "max", tau: float = 0.05,
+                           reduction: str = "sum") -> torch.Tensor:
+    """One rank's share of the loss of the global batch (DDP with every rank's negatives).
+
+    rows (b, N): this rank's b images against the N captions of all ranks; cols (N, b): all images against this
+    rank's captions; local pair k is global pair offset + k; ids_local (b,), ids_all (N,) image ids. Returns the
+    sum of the i2t losses of the local image rows and the t2i losses of the local caption columns (divided by N
+    per direction for reduction="mean"): over the ranks these add up to `contrastive_loss` of the (N, N) matrix."""
+    b = rows.shape[0]
+    pos_col = torch.arange(b, device=rows.device) + offset
+    same = positive_mask(ids_local, ids_all)  # (b, N)
+    i2t = query_losses(rows, pos_col, same, margin, mode, tau)
+    t2i = query_losses(cols.t(), pos_col, same, margin, mode, tau)
+    total = i2t.sum() + t2i.sum()
+    if reduction == "mean":
+        return total / ids_all.shape[0]
+    if reduction != "sum":
+        raise ValueError(f"unknown reduction {reduction!r}, expected 'sum' or 'mean'")
+    return total
 
 
 def contrastive_loss(
@@ -106,6 +124,11 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, scores: torch.Tensor, image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         return contrastive_loss(scores, image_ids, self.margin, self.mode, self.tau, self.reduction)
+
+    def global_part(self, rows, cols, offset: int, ids_local, ids_all) -> torch.Tensor:
+        """This rank's share of the global batch's loss (see `global_batch_loss_part`)."""
+        return global_batch_loss_part(rows, cols, offset, ids_local, ids_all, self.margin, self.mode, self.tau,
+                                      self.reduction)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, mode={self.mode!r}, tau={self.tau}, reduction={self.reduction!r}"

@@ -167,6 +167,7 @@ class RetrievalModel(nn.Module):
 
     config: ModelConfig
     blocked_training = True  # forward(..., memory_budget_mb=X) trains through score_all_train
+    gathers_negatives = True  # forward(..., gather=True) scores against every DDP rank's items
 
     def encode_image(self, images) -> EncodedImages:
         raise NotImplementedError
@@ -186,23 +187,37 @@ class RetrievalModel(nn.Module):
         (computed here without gradients); identity by default."""
         return images
 
+    def _train_scores(self, enc_i, enc_t, memory_budget_mb, dense_gradient) -> torch.Tensor:
+        if memory_budget_mb is not None and self.blocked_training and torch.is_grad_enabled():
+            from ..scoring import score_all_train
+
+            return score_all_train(self, enc_i, enc_t, memory_budget_mb=memory_budget_mb, dense_gradient=dense_gradient)
+        return self.score(enc_i, enc_t)
+
     def forward(self, images, texts, return_shortlist: bool = False, memory_budget_mb: Optional[float] = None,
-                dense_gradient: bool = False):
+                dense_gradient: bool = False, gather: bool = False):
         """ImageBatch (Ni), TextBatch (Nt) -> scores (Ni, Nt); with return_shortlist also the (Ni, Nt) cosines of
         the shortlist embeddings (for the trainer's auxiliary loss; one forward, so DDP sees both).
 
         memory_budget_mb: with gradients, score through `tvrn.scoring.score_all_train` (pair work in blocks of
         this much working memory, recomputed in backward where the gradient is non-zero; with dense_gradient
         the plain path when it fits the budget); None: the plain path, which keeps the activations of every
-        pair for backward."""
+        pair for backward. gather: under torch.distributed, score this rank's images against every rank's
+        captions and every rank's images against this rank's captions (encodings gathered with autograd) ->
+        (rows (b, N), cols (N, b), offset of this rank's pairs[, the same two for the shortlist cosines])."""
         enc_i, enc_t = self.encode_image(images), self.encode_text(texts)
-        if memory_budget_mb is not None and self.blocked_training and torch.is_grad_enabled():
-            from ..scoring import score_all_train
+        if gather:  # DDP with the global batch's negatives: (rows (b, N), cols (N, b), offset[, short_rows, short_cols])
+            from ..train.distributed import gather_encoded
 
-            scores = score_all_train(self, enc_i, enc_t, memory_budget_mb=memory_budget_mb,
-                                     dense_gradient=dense_gradient)
-        else:
-            scores = self.score(enc_i, enc_t)
+            all_i, offset = gather_encoded(enc_i)
+            all_t, _ = gather_encoded(enc_t)
+            out = (self._train_scores(enc_i, all_t, memory_budget_mb, dense_gradient),
+                   self._train_scores(all_i, enc_t, memory_budget_mb, dense_gradient), offset)
+            if return_shortlist:
+                out += (self.shortlist_embed_image(enc_i) @ self.shortlist_embed_text(all_t).t(),
+                        self.shortlist_embed_image(all_i) @ self.shortlist_embed_text(enc_t).t())
+            return out
+        scores = self._train_scores(enc_i, enc_t, memory_budget_mb, dense_gradient)
         if not return_shortlist:
             return scores
         short = self.shortlist_embed_image(enc_i) @ self.shortlist_embed_text(enc_t).t()  # (Ni, D) @ (D, Nt)

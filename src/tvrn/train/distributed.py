@@ -90,3 +90,45 @@ def gather_objects(obj: Any) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_encoded(enc):
+    """Every rank's encodings concatenated in rank order, with autograd (the gradient of a gathered slice flows
+    back to the rank that owns it): (gathered encodings, this rank's offset in them). Tensor fields are padded on
+    every axis after the first to the largest size of any rank (zeros; False for masks: batches are padded to their
+    own longest caption). Identity (offset 0) when not distributed."""
+    import dataclasses
+
+    import torch.distributed.nn.functional as dnn
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return enc, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    names = [f.name for f in dataclasses.fields(enc) if isinstance(getattr(enc, f.name), torch.Tensor)]
+    first = getattr(enc, names[0])
+    sizes = torch.zeros(world, len(names), 4, dtype=torch.long, device=first.device)
+    for j, n in enumerate(names):  # every field's shape on every rank (at most 4 axes)
+        shape = getattr(enc, n).shape
+        sizes[rank, j, :len(shape)] = torch.tensor(shape, device=first.device)
+    dist.all_reduce(sizes)  # rows of other ranks are zero here: the sum is everyone's shapes
+    offset = int(sizes[:rank, 0, 0].sum())
+    if len(set(sizes[:, 0, 0].tolist())) != 1:
+        raise ValueError(f"global negatives need the same batch size on every rank, got {sizes[:, 0, 0].tolist()}")
+    out = {}
+    for j, n in enumerate(names):
+        t = getattr(enc, n)
+        full = [int(x) for x in sizes[:, j].amax(0)[: t.dim()]]
+        full[0] = t.shape[0]
+        if list(t.shape) != full:  # pad later axes
+            padded = t.new_zeros(full)
+            padded[tuple(slice(0, k) for k in t.shape)] = t
+            t = padded
+        if t.is_floating_point():
+            parts = dnn.all_gather(t)  # autograd: backward sums the gradients into the owner's slice
+        else:  # masks: no gradient; bool travels as uint8 (not every backend has bool)
+            u = t.to(torch.uint8) if t.dtype == torch.bool else t
+            parts = [torch.empty_like(u) for _ in range(world)]
+            dist.all_gather(parts, u.contiguous())
+            parts = [x.bool() for x in parts] if t.dtype == torch.bool else parts
+        out[n] = torch.cat(list(parts), 0)
+    return dataclasses.replace(enc, **out), offset

@@ -17,8 +17,10 @@ best.pt (when dev RSUM improves; never overwritten otherwise), metrics.jsonl, tb
 Determinism: with `deterministic=True` the run calls torch.use_deterministic_algorithms(True) (global), and a
 run killed and resumed from last.pt ends with the same weights, bit for bit, as an uninterrupted one: the data
 order comes from (seed, epoch), the RNG states of every rank are saved, and the lr is a function of the
-position. Under DDP each rank's loss uses the negatives of its own batch only (the score matrix is B x B per
-rank); gradients are averaged by DDP.
+position. Under DDP (`train.global_negatives`, on by default) each rank scores its images against every rank's
+captions and every rank's images against its captions (encodings gathered with autograd), so the loss and the
+gradients are those of the global batch of world x batch_size pairs, as one process would train
+(tests/test_distributed.py); with it off, each rank's loss sees its own B x B only.
 """
 from __future__ import annotations
 
@@ -82,6 +84,9 @@ class TrainConfig:
                                                # (fast path), recomputed in backward where the gradient is non-zero
                                                # (tvrn.scoring.score_all_train); null: the plain path, which keeps
                                                # the activations of all B x B pairs
+    global_negatives: bool = True  # DDP: each rank's images against every rank's captions and the reverse, so the
+                                   # loss is the global batch's (world x batch_size pairs), as one process would
+                                   # train; false: each rank's own B x B only
     partner_file: Optional[str] = None  # JSON list, for each training image its hard-negative partner image or -1:
                                        # batches then hold partners' captions together (tvrn.train.sampling);
                                        # null: a uniform shuffle
@@ -305,16 +310,21 @@ class Trainer:
         batch = batch.to(self.device)
         amp = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         kw = self.score_path.forward_kwargs(self._epoch < cfg.sum_loss_epochs)
-        with amp:
-            if cfg.shortlist_loss_weight > 0:  # (B, B) scores and shortlist cosines, one forward through DDP
-                scores, short = self.ddp(batch.images, batch.texts, return_shortlist=True, **kw)
-            else:
-                scores, short = self.ddp(batch.images, batch.texts, **kw), None  # (B, B): DDP syncs grads
         loss_fn = self.warmup_loss_fn if self._epoch < cfg.sum_loss_epochs else self.loss_fn
-        self.score_path.watch(scores)
-        loss = loss_fn(scores.float(), batch.image_ids)
-        if short is not None:
-            loss = loss + cfg.shortlist_loss_weight * self.warmup_loss_fn(short.float(), batch.image_ids)
+        short_w = cfg.shortlist_loss_weight
+        if self._global_negatives():
+            loss, logged = self._global_loss(batch, loss_fn, amp, kw)
+        else:
+            with amp:
+                if short_w > 0:  # (B, B) scores and shortlist cosines, one forward through DDP
+                    scores, short = self.ddp(batch.images, batch.texts, return_shortlist=True, **kw)
+                else:
+                    scores, short = self.ddp(batch.images, batch.texts, **kw), None  # (B, B): DDP syncs grads
+            self.score_path.watch(scores)
+            loss = loss_fn(scores.float(), batch.image_ids)
+            if short is not None:
+                loss = loss + short_w * self.warmup_loss_fn(short.float(), batch.image_ids)
+            logged = loss.detach()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -328,7 +338,35 @@ class Trainer:
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
-        return loss.detach()
+        return logged
+
+    def _global_negatives(self) -> bool:
+        return (self.dist.enabled and self.config.global_negatives
+                and getattr(_unwrap(self.model), "gathers_negatives", False))
+
+    def _global_loss(self, batch, loss_fn, amp, kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to back-propagate, the global batch's loss) with every rank's negatives: this rank's share of the
+        global loss times the world size (DDP averages gradients, so the sum of the shares is what is followed)."""
+        import torch.distributed as dist
+
+        if not hasattr(loss_fn, "global_part"):
+            raise ValueError("train.global_negatives needs a loss with global_part (tvrn.losses.ContrastiveLoss); "
+                             "set train.global_negatives=false for a custom loss_fn")
+        ids = batch.image_ids
+        ids_all = [torch.empty_like(ids) for _ in range(self.dist.world_size)]
+        dist.all_gather(ids_all, ids.contiguous())
+        ids_all = torch.cat(ids_all)
+        short_w = self.config.shortlist_loss_weight
+        with amp:
+            out = self.ddp(batch.images, batch.texts, return_shortlist=short_w > 0, gather=True, **kw)
+        rows, cols, offset = out[:3]
+        self.score_path.watch(rows)
+        part = loss_fn.global_part(rows.float(), cols.float(), offset, ids, ids_all)
+        if short_w > 0:
+            part = part + short_w * self.warmup_loss_fn.global_part(out[3].float(), out[4].float(), offset, ids, ids_all)
+        total = part.detach().clone()
+        dist.all_reduce(total)
+        return part * self.dist.world_size, total
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _checkpoint(self, epoch: int, batch: int, loss_sum: float, loss_batches: int) -> Optional[dict]:
