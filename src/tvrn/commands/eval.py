@@ -67,15 +67,26 @@ def run(args: argparse.Namespace) -> int:
     from tvrn.data import TvrnDataError
     from tvrn.evaluation import write_json
     from tvrn.pipeline import evaluate_checkpoints
+    from tvrn.train import cleanup_distributed, init_distributed
 
+    info = init_distributed()  # under torchrun the images are split across the ranks; rank 0 reports
+    if info.enabled and args.two_stage:
+        print("tvrn eval: --two-stage runs in one process (not under torchrun)", file=sys.stderr)
+        return 2
     try:
         result = evaluate_checkpoints(args.inputs, args.data, split=args.split, protocol=args.protocol,
                                       adjacency_threshold=args.adjacency_threshold, eval_batch_size=args.batch_size,
-                                      save_scores_to=args.save_scores, device=args.device,
+                                      save_scores_to=args.save_scores if info.is_main else None, device=args.device,
                                       progress=not args.no_progress, two_stage=args.two_stage)
     except (TvrnDataError, ValueError, FileNotFoundError) as e:
         print(f"tvrn eval: {e}", file=sys.stderr)
         return 2
+    finally:
+        cleanup_distributed()
+    if not info.is_main:
+        return 0
+    if info.enabled:
+        print(f"tvrn eval: scored on {info.world_size} ranks (images split across them)")
     what = "ensemble of " + ", ".join(args.inputs) if len(args.inputs) > 1 else args.inputs[0]
     print(f"tvrn eval: {what} on {args.data} {args.split}, protocol {args.protocol}")
     print(format_metrics(result))

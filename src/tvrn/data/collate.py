@@ -146,11 +146,14 @@ def iter_image_batches(
     split: PrecompSplit,
     batch_size: int,
     adjacency_threshold: float = DEFAULT_ADJACENCY_THRESHOLD,
+    images: Optional[range] = None,
 ) -> Iterator[ImageBatch]:
-    """Every image of the split in order, batch_size at a time (the last batch may be smaller): ImageBatch
-    with features (B, R, Dv), index (B,) and, with a boxes file, boxes and adjacency. One read per batch."""
-    for start in range(0, split.num_images, batch_size):
-        idx = np.arange(start, min(start + batch_size, split.num_images), dtype=np.int64)
+    """Every image of the split (or of the range `images`) in order, batch_size at a time (the last batch may be
+    smaller): ImageBatch with features (B, R, Dv), index (B,) and, with a boxes file, boxes and adjacency. One
+    read per batch."""
+    lo, hi = (0, split.num_images) if images is None else (images.start, images.stop)
+    for start in range(lo, hi, batch_size):
+        idx = np.arange(start, min(start + batch_size, hi), dtype=np.int64)
         yield collate_images(split.image_features(idx), split.boxes(idx), idx, adjacency_threshold)
 
 

@@ -132,3 +132,22 @@ def gather_encoded(enc):
             parts = [x.bool() for x in parts] if t.dtype == torch.bool else parts
         out[n] = torch.cat(list(parts), 0)
     return dataclasses.replace(enc, **out), offset
+
+
+def rank_rows(n: int, info: Optional[DistInfo] = None) -> range:
+    """The contiguous share of n rows (gallery images) of this rank: rank r of w takes rows r*n//w ... ."""
+    info = info or dist_info()
+    return range(info.rank * n // info.world_size, (info.rank + 1) * n // info.world_size)
+
+
+def all_gather_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Every rank's `rows` (its `rank_rows(n)` share, (n_r, C)) assembled in rank order -> (n, C) on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    world = dist.get_world_size()
+    size = -(-n // world) + 1  # the largest share, padded to it
+    padded = rows.new_zeros(size, rows.shape[1])
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([parts[r][: len(rank_rows(n, DistInfo(r, world, 0)))] for r in range(world)], 0)

@@ -544,7 +544,8 @@ class Trainer:
         if self.validate is None:
             return False
         metrics = None
-        if self.dist.is_main:
+        # a validate marked distributed (tvrn.pipeline.make_validate) is collective: every rank scores its share
+        if self.dist.is_main or getattr(self.validate, "distributed", False):
             model = _unwrap(self.model)
             was_training = model.training
             model.eval()
