@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from tvrn.train import atomic_save, load_checkpoint
@@ -119,3 +120,23 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
         return [{k: v for k, v in x.items() if k != "time"} for x in lines if x["kind"] == "epoch"]
 
     assert epochs(ref_dir) == epochs(run_dir)  # same losses and dev metrics, no duplicated lines
+
+
+def test_a_flipped_bit_in_the_weights_is_refused(tmp_path):
+    from tvrn.models import create_model
+    from tvrn.train.checkpoint import atomic_save, load_checkpoint, state_digest
+
+    model = create_model("sgraf_sgr", img_dim=8, embed_size=8, sim_dim=4, word_dim=4, vocab_size=10,
+                         image_pool_norm="batch", image_pool_tokens=3)  # a 0-dim num_batches_tracked too
+    sd = {**model.state_dict(), "half": torch.ones(3, dtype=torch.bfloat16), "flag": torch.tensor([True])}
+    path = tmp_path / "m.pt"
+    atomic_save({"model": sd, "epoch": 1}, path)
+    assert load_checkpoint(path)["model_sha256"] == state_digest(sd)
+    data = bytearray(path.read_bytes())
+    raw = sd["sim_eval.weight"].numpy().tobytes()
+    at = bytes(data).find(raw)  # torch.save stores the tensor bytes as they are
+    assert at > 0
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model weights are corrupted"):
+        load_checkpoint(path)

@@ -135,3 +135,74 @@ def test_bert_tokenizer_words():
     words = tok.words("a zebra \u2603\ufe0f cat")
     assert [w for w, _ in words][:2] == ["a", "zebra"] and all(k for w, k in words if w.isalpha())
     assert any(not k for _, k in words)  # the snowman has no word piece: [UNK]
+
+
+def _hits(index, q="a black cat on top of a small ball", **kw):
+    return [(h.index, round(h.score, 5)) for h in index.search_text(q, k=6, **kw)]
+
+
+def test_folder_index_reads_rows_from_disk_and_equals_ram(setup):
+    _, data, ckpt, path, index, exact = setup
+    disk = SearchIndex.load(path)
+    assert disk.info()["on_disk"] and not index.info()["on_disk"]
+    for shortlist in (None, 5):
+        assert [h.to_dict() for h in disk.search_text("a red ball", k=6, shortlist=shortlist)] == \
+               [h.to_dict() for h in index.search_text("a red ball", k=6, shortlist=shortlist)]
+        assert [h.to_dict() for h in disk.search_image(4, k=7, shortlist=shortlist and 20)] == \
+               [h.to_dict() for h in index.search_image(4, k=7, shortlist=shortlist and 20)]
+    rows = disk.images.get(torch.tensor([7, 2, 9]))  # any order of rows, as asked
+    torch.testing.assert_close(rows.units, index.enc_images.units[[7, 2, 9]])
+
+
+def test_streaming_build_equals_build_then_save(setup, tmp_path):
+    _, data, ckpt, path, index, _ = setup
+    seen = []
+    built = SearchIndex.build_to(tmp_path / "streamed", ckpt, data, "test", batch_size=5,
+                                 on_batch=lambda what, n: seen.append((what, n)))
+    assert ("images", 5) in seen and ("images", 12) in seen and ("captions", 60) in seen  # batch by batch
+    assert _hits(built) == _hits(index) and _hits(built, shortlist=None) == _hits(index, shortlist=None)
+
+
+def test_corrupted_or_missing_index_files_are_refused_by_name(setup, tmp_path):
+    import shutil
+
+    index = setup[4]
+    out = tmp_path / "idx"
+    index.save(out)
+    f = out / "images" / "units.npy"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x40  # one bit of the last row
+    f.write_bytes(bytes(data))
+    with pytest.raises(SearchIndexError, match=r"images/units\.npy is corrupted"):
+        SearchIndex.load(out)
+    assert SearchIndex.load(out, verify=False).num_images == 12  # opened anyway when asked
+    shutil.copy(out / "captions.txt", tmp_path / "c.txt")
+    (out / "captions.txt").unlink()
+    with pytest.raises(SearchIndexError, match="captions.txt is missing"):
+        SearchIndex.load(out)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_storage(setup, tmp_path, dtype):
+    index = setup[4]
+    index.save(tmp_path / dtype, dtype=dtype)
+    half = SearchIndex.load(tmp_path / dtype)
+    assert half.images.enc.meta["units"]["stored"] == dtype
+    full = index.search_text("a red ball", k=12, shortlist=None)
+    got = {h.index: h.score for h in half.search_text("a red ball", k=12, shortlist=None)}
+    assert max(abs(got[h.index] - h.score) for h in full) < (2e-3 if dtype == "float16" else 2e-2)
+    size = sum(p.stat().st_size for p in (tmp_path / dtype / "images").iterdir())
+    index.save(tmp_path / "f32")
+    assert size < 0.6 * sum(p.stat().st_size for p in (tmp_path / "f32" / "images").iterdir())
+
+
+def test_faiss_shortlists_from_a_factory_string(setup, tmp_path):
+    pytest.importorskip("faiss")
+    index = setup[4]
+    for spec in ("Flat", "IVF2,Flat"):
+        index.save(tmp_path / spec.replace(",", "_"), faiss=spec)
+        got = SearchIndex.load(tmp_path / spec.replace(",", "_"), nprobe=2)  # 2 of 2 lists: exact
+        assert got.info()["faiss"]
+        assert _hits(got, shortlist=5) == _hits(index, shortlist=5), spec
+        assert [h.index for h in got.search_image(3, k=4, shortlist=10)] == \
+               [h.index for h in index.search_image(3, k=4, shortlist=10)]

@@ -15,12 +15,18 @@ import sys
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "index", help="encode a split with a trained checkpoint into a search index",
-        description="Encode every image and caption of a precomp split with a trained checkpoint; the index file "
-                    "holds the model weights and the encodings, so `tvrn search` / `tvrn serve` need nothing else.")
+        description="Encode every image and caption of a precomp split with a trained checkpoint, batch by batch, "
+                    "into an index folder (memory-mapped encodings, shortlist vectors, optional FAISS indexes, the "
+                    "model weights, sha256 of every file): `tvrn search` / `tvrn serve` need nothing else.")
     p.add_argument("checkpoint", help="trained checkpoint (.pt)")
     p.add_argument("--data", required=True, help="precomp data folder")
     p.add_argument("--split", default="test", help="split to index (default %(default)s)")
-    p.add_argument("--out", required=True, help="index file to write")
+    p.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="storage of the encodings (default %(default)s; half the disk and RAM at 16 bits)")
+    p.add_argument("--faiss", metavar="FACTORY",
+                   help="FAISS index for the shortlist, by factory string: Flat, IVF1024,Flat, HNSW32, ... "
+                        "(default: exact chunked matrix products)")
     p.add_argument("--images", help="folder of <image id>.png|.jpg for the web page "
                                     "(default DATA/images/SPLIT when it exists)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -34,7 +40,9 @@ def register(subparsers) -> None:
         description="Answer a query from an index built by `tvrn index`: a caption finds images; --image N ranks "
                     "the index's captions for gallery image N. Two stages: the shortlist vectors pick "
                     "--shortlist candidates, the full model re-ranks them (--shortlist 0: score everything).")
-    p.add_argument("index", help="index file from `tvrn index`")
+    p.add_argument("index", help="index from `tvrn index`")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the index files on opening")
+    p.add_argument("--nprobe", type=int, help="FAISS search breadth (IVF lists / HNSW efSearch) of the shortlist")
     p.add_argument("query", nargs="?", help="caption to search for")
     p.add_argument("--image", type=int, help="rank captions for this gallery image instead")
     p.add_argument("-k", type=int, default=10, help="results to show (default %(default)s)")
@@ -59,10 +67,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_serve)
 
 
-def _load(path: str):
+def _load(path: str, args=None):
     from tvrn.search.index import SearchIndex
 
-    return SearchIndex.load(path)
+    return SearchIndex.load(path, verify=not getattr(args, "no_verify", False), nprobe=getattr(args, "nprobe", None))
 
 
 def run_index(args: argparse.Namespace) -> int:
@@ -70,10 +78,12 @@ def run_index(args: argparse.Namespace) -> int:
     from tvrn.search.index import SearchIndex
 
     try:
-        index = SearchIndex.build(args.checkpoint, args.data, args.split, image_dir=args.images,
-                                  batch_size=args.batch_size, adjacency_threshold=args.adjacency_threshold,
-                                  device=args.device, progress=not args.no_progress)
-        index.save(args.out)
+        index = SearchIndex.build_to(args.out, args.checkpoint, args.data, args.split, image_dir=args.images,
+                                     batch_size=args.batch_size, adjacency_threshold=args.adjacency_threshold,
+                                     dtype=args.dtype, faiss=args.faiss, device=args.device)
+    except ImportError as e:
+        print(f"tvrn index: {e} (--faiss needs faiss-cpu: pip install 'tvrn[search]')", file=sys.stderr)
+        return 2
     except (TvrnDataError, ValueError, FileNotFoundError) as e:
         print(f"tvrn index: {e}", file=sys.stderr)
         return 2
@@ -89,7 +99,7 @@ def run_search(args: argparse.Namespace) -> int:
         print("tvrn search: give either a query text or --image N", file=sys.stderr)
         return 2
     try:
-        index = _load(args.index)
+        index = _load(args.index, args)
         if args.image is not None:
             short = 500 if args.shortlist is None else (args.shortlist or None)
             hits = index.search_image(args.image, k=args.k, shortlist=short)
@@ -126,7 +136,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"tvrn serve: {e}", file=sys.stderr)
         return 2
     try:
-        index = _load(args.index)
+        index = _load(args.index, args)
     except (SearchIndexError, FileNotFoundError) as e:
         print(f"tvrn serve: {e}", file=sys.stderr)
         return 2

@@ -11,29 +11,38 @@ Queries are answered in two stages (`tvrn.search.shortlist`): the pair-independe
 one scorer). `shortlist=None` scores the whole gallery (exact). A hit's score never depends on the other
 candidates (DESIGN 6), so a hit found in both modes has the same score in both.
 
-Index file (torch.save of plain data, loadable with weights_only=True, written atomically):
-    format "tvrn-index", version 1; model: {"config": {"model_name", "model"}, "model": state_dict, "vocab"};
-    data_root, split, image_dir (or None); image_ids [str] (N_img); captions [str] (N_caps);
-    caption_to_image (N_caps,) long; enc_images / enc_texts: {field: tensor} of the encoded dataclasses;
-    image_vectors (N_img, D), text_vectors (N_caps, D): the shortlist vectors.
+Two on-disk forms, both opened by `SearchIndex.load(path)`:
+
+- a folder (`save`, and `SearchIndex.build_to` which encodes a split straight to disk, one batch at a time): the
+  encodings as one memory-mapped `.npy` file per field (`tvrn.search.store`, float32 / float16 / bfloat16),
+  read by row, so a query touches its shortlisted candidates only; the shortlist vectors as `.npy` and, when
+  asked for, FAISS indexes built from a factory string (`Flat`, `IVF1024,Flat`, `HNSW32`, ...); `model.pt`;
+  `manifest.json` with the sha256 of every file, checked on opening (a corrupted file is refused by name);
+- a single file (version 1, torch.save of plain data, loaded whole): model, ids, captions, encodings.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from ..data import collate_texts, load_split
 from ..scoring import encode_texts, score_all
 from ..train.checkpoint import atomic_save
-from .shortlist import shortlist_embeddings
+from .shortlist import shortlist_embeddings, topk_exact
+from .store import FieldStore, FieldWriter, sha256_file
 
 FORMAT, VERSION = "tvrn-index", 1
+DIR_VERSION = 2  # the folder form
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+EXACT_CHUNK = 4096  # images / captions scored at a time by an exact (shortlist=None) query
 
 
 class SearchIndexError(ValueError):
@@ -62,18 +71,99 @@ def _fields(enc) -> dict[str, torch.Tensor]:
             if isinstance(getattr(enc, f.name), torch.Tensor)}
 
 
+class _Rows:
+    """Encoded items in RAM (an encoded dataclass) or on disk (a FieldStore), read by row index."""
+
+    def __init__(self, enc):
+        self.enc = enc
+
+    def __len__(self) -> int:
+        return len(self.enc)
+
+    @property
+    def on_disk(self) -> bool:
+        return isinstance(self.enc, FieldStore)
+
+    def get(self, idx: torch.Tensor):
+        return self.enc.get(idx) if self.on_disk else self.enc[idx]
+
+    def chunks(self, size: int = EXACT_CHUNK):
+        """(start, encodings of rows start..) over the whole set, `size` rows at a time."""
+        for start in range(0, len(self), size):
+            stop = min(start + size, len(self))
+            yield start, (self.enc.slice(start, stop) if self.on_disk else self.enc[start:stop])
+
+
+class _Vectors:
+    """Shortlist vectors (N, D) in RAM or memory-mapped, with an optional FAISS index over them."""
+
+    def __init__(self, vectors, faiss_index=None):
+        self.vectors, self.faiss = vectors, faiss_index
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    def row(self, i: int) -> torch.Tensor:
+        return torch.as_tensor(np.array(self.vectors[i : i + 1], dtype=np.float32))
+
+    def top(self, queries: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (Q, D) -> (indices (Q, m), cosines (Q, m)), best first: FAISS when the index has one, else exact."""
+        if self.faiss is not None:
+            cos, idx = self.faiss.search(queries.float().contiguous().numpy(), m)
+            return torch.from_numpy(idx).long(), torch.from_numpy(cos).float()
+        best_c = torch.full((queries.shape[0], 0), -float("inf"))
+        best_i = torch.zeros((queries.shape[0], 0), dtype=torch.long)
+        for start in range(0, len(self), 65536):  # chunks: a memory-mapped gallery is never read whole
+            block = torch.as_tensor(np.array(self.vectors[start:start + 65536], dtype=np.float32))
+            c = queries.float() @ block.t()  # (Q, chunk)
+            cand_c = torch.cat([best_c, c], 1)
+            cand_i = torch.cat([best_i, torch.arange(start, start + block.shape[0]).expand(queries.shape[0], -1)], 1)
+            keep = cand_c.topk(min(m, cand_c.shape[1]), dim=1)
+            best_c, best_i = keep.values, cand_i.gather(1, keep.indices)
+        return best_i, best_c
+
+    def cosines(self, queries: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(Q, D) against the gallery rows idx (m,) -> (Q, m)."""
+        rows = np.asarray(self.vectors[np.sort(idx.numpy())], dtype=np.float32)
+        order = torch.as_tensor(np.argsort(np.argsort(idx.numpy(), kind="stable"), kind="stable"))
+        return queries.float() @ torch.as_tensor(rows)[order].t()
+
+
 class SearchIndex:
     """A model plus the encodings of one split's images (N_img) and captions (N_caps); see the module doc."""
 
     def __init__(self, model, tokenizer, checkpoint: dict, enc_images, enc_texts, image_ids: list[str],
                  captions: list[str], caption_to_image: torch.Tensor, data_root: str = "", split: str = "",
-                 image_dir: Optional[str] = None):
+                 image_dir: Optional[str] = None, vectors: Optional[tuple] = None):
+        """enc_images / enc_texts: encoded dataclasses (in RAM) or FieldStores (on disk); vectors: (image, text)
+        _Vectors when they are stored, else computed from the encodings."""
         self.model, self.tokenizer, self.checkpoint = model.eval(), tokenizer, checkpoint
-        self.enc_images, self.enc_texts = enc_images, enc_texts
+        self.images, self.texts = _Rows(enc_images), _Rows(enc_texts)
         self.image_ids, self.captions = list(image_ids), list(captions)
         self.caption_to_image = torch.as_tensor(caption_to_image).long()
         self.data_root, self.split, self.image_dir = data_root, split, image_dir
-        self.image_vectors, self.text_vectors = shortlist_embeddings(model, enc_images, enc_texts)  # (Ni, D), (Nt, D)
+        if vectors is None:
+            iv, tv = shortlist_embeddings(model, enc_images, enc_texts)  # (Ni, D), (Nt, D)
+            vectors = (_Vectors(iv), _Vectors(tv))
+        self.image_vec, self.text_vec = vectors
+
+    @property
+    def enc_images(self):
+        """The image encodings (in RAM, or the FieldStore of an index opened from a folder)."""
+        return self.images.enc
+
+    @property
+    def enc_texts(self):
+        return self.texts.enc
+
+    @property
+    def image_vectors(self) -> torch.Tensor:
+        """(N_img, D) shortlist vectors, as a tensor (reads them all: small galleries and tests)."""
+        return torch.as_tensor(np.asarray(self.image_vec.vectors, dtype=np.float32))
+
+    @property
+    def text_vectors(self) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(self.text_vec.vectors, dtype=np.float32))
 
     @property
     def num_images(self) -> int:
@@ -92,39 +182,83 @@ class SearchIndex:
     def build(cls, checkpoint_path: str | os.PathLike, data_root: str | os.PathLike, split: str = "test",
               image_dir: Optional[str | os.PathLike] = None, batch_size: int = 128, adjacency_threshold: float = 0.2,
               device=None, progress: bool = False) -> "SearchIndex":
-        """Encode every image and caption of a precomp split with a trained checkpoint.
+        """Encode every image and caption of a precomp split with a trained checkpoint, in RAM (small
+        galleries; `build_to` writes a large one to disk batch by batch).
 
         image_dir: folder of <image id>.png / .jpg files for the web page; default data_root/images/<split> when
         it exists (the synthetic benchmark renders there)."""
-        from ..pipeline import encode_split, load_trained
-        from ..train.checkpoint import load_checkpoint
+        from ..pipeline import encode_split
 
-        model, tokenizer, _ = load_trained(checkpoint_path)
-        ckpt = load_checkpoint(checkpoint_path)
-        if device is not None:
-            model.to(device)
+        model, tokenizer, slim = _load_model(checkpoint_path, device)
         data = load_split(data_root, split)
         enc_i, enc_t = encode_split(model, data, tokenizer, {"eval_batch_size": batch_size,
                                                               "adjacency_threshold": adjacency_threshold},
                                     device=device, progress=progress)
-        ids = list(data.ids) if data.ids is not None else [str(i) for i in range(data.num_images)]
-        if image_dir is None and (Path(data_root) / "images" / split).is_dir():
-            image_dir = Path(data_root) / "images" / split
-        slim = {"config": {k: ckpt["config"].get(k) for k in ("model_name", "model")}, "model": ckpt["model"],
-                "vocab": ckpt.get("vocab")}
-        return cls(model, tokenizer, slim, enc_i.to("cpu"), enc_t.to("cpu"), ids, list(data.captions),
+        return cls(model, tokenizer, slim, enc_i.to("cpu"), enc_t.to("cpu"), _ids(data), list(data.captions),
                    torch.as_tensor(data.caption_to_image), data_root=str(data_root), split=split,
-                   image_dir=None if image_dir is None else str(Path(image_dir).resolve()))
+                   image_dir=_image_dir(data_root, split, image_dir))
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the index (model weights included) atomically: a reader sees the old file or the new one."""
+    @classmethod
+    def build_to(cls, out: str | os.PathLike, checkpoint_path: str | os.PathLike, data_root: str | os.PathLike,
+                 split: str = "test", image_dir=None, batch_size: int = 128, adjacency_threshold: float = 0.2,
+                 dtype: str = "float32", faiss: Optional[str] = None, device=None, progress: bool = False,
+                 on_batch=None) -> "SearchIndex":
+        """Encode a split straight into an index folder at `out`, one batch at a time (memory flat in the
+        gallery size), then open it. dtype: how encodings are stored (float32 / float16 / bfloat16);
+        faiss: a FAISS factory string for the shortlist indexes ("Flat", "IVF1024,Flat", "HNSW32", ...)."""
+        from ..data import iter_image_batches, iter_text_batches
+
+        model, tokenizer, slim = _load_model(checkpoint_path, device)
+        data = load_split(data_root, split)
+        tokens = [tokenizer.encode(c) for c in data.captions]
+        writer = _IndexWriter(out, data.num_images, data.num_captions, dtype, max_words=max(map(len, tokens)))
+        with torch.no_grad():
+            start = 0
+            for batch in iter_image_batches(data, batch_size, adjacency_threshold=adjacency_threshold):
+                enc = model.encode_image(batch.to(device) if device else batch).to("cpu")
+                writer.add_images(start, enc, model.shortlist_embed_image(enc).float())
+                start += len(enc)
+                if on_batch:
+                    on_batch("images", start)
+            start = 0
+            for batch in iter_text_batches(data, tokenizer, batch_size):
+                enc = model.encode_text(batch.to(device) if device else batch).to("cpu")
+                writer.add_texts(start, enc, model.shortlist_embed_text(enc).float())
+                start += len(enc)
+                if on_batch:
+                    on_batch("captions", start)
+        writer.finish(slim, _ids(data), list(data.captions), torch.as_tensor(data.caption_to_image),
+                      str(data_root), split, _image_dir(data_root, split, image_dir), faiss)
+        return cls.load(out)
+
+    def save(self, path: str | os.PathLike, dtype: str = "float32", faiss: Optional[str] = None) -> None:
+        """Write the index as a folder (see the module doc), atomically: built beside `path`, renamed into place."""
+        writer = _IndexWriter(path, self.num_images, self.num_captions, dtype)
+        for start, enc in self.images.chunks():
+            writer.add_images(start, enc, self.model.shortlist_embed_image(enc).float())
+        for start, enc in self.texts.chunks():
+            writer.add_texts(start, enc, self.model.shortlist_embed_text(enc).float())
+        writer.finish(self.checkpoint, self.image_ids, self.captions, self.caption_to_image, self.data_root,
+                      self.split, self.image_dir, faiss)
+
+    def save_file(self, path: str | os.PathLike) -> None:
+        """The single-file form (version 1): everything in one torch.save, loaded whole (small galleries)."""
         atomic_save({"format": FORMAT, "version": VERSION, "model": self.checkpoint, "data_root": self.data_root,
                      "split": self.split, "image_dir": self.image_dir, "image_ids": self.image_ids,
                      "captions": self.captions, "caption_to_image": self.caption_to_image,
-                     "enc_images": _fields(self.enc_images), "enc_texts": _fields(self.enc_texts)}, path)
+                     "enc_images": _fields(self.images.get(torch.arange(self.num_images))),
+                     "enc_texts": _fields(self.texts.get(torch.arange(self.num_captions)))}, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SearchIndex":
+    def load(cls, path: str | os.PathLike, verify: bool = True, nprobe: Optional[int] = None) -> "SearchIndex":
+        """Open an index folder (checking every file's sha256 unless verify=False) or a version-1 file.
+        nprobe: FAISS search breadth of an IVF / HNSW shortlist (more: slower, closer to exact)."""
+        if Path(path).is_dir():
+            return cls._load_dir(Path(path), verify, nprobe)
+        return cls._load_file(path)
+
+    @classmethod
+    def _load_file(cls, path) -> "SearchIndex":
         from ..models.base import EncodedImages, EncodedTexts
         from ..pipeline import model_from_checkpoint
 
@@ -143,6 +277,46 @@ class SearchIndex:
         return cls(model, tokenizer, obj["model"], EncodedImages(**obj["enc_images"]),
                    EncodedTexts(**obj["enc_texts"]), obj["image_ids"], obj["captions"], obj["caption_to_image"],
                    data_root=obj["data_root"], split=obj["split"], image_dir=obj["image_dir"])
+
+    @classmethod
+    def _load_dir(cls, path: Path, verify: bool, nprobe: Optional[int]) -> "SearchIndex":
+        from ..models.base import EncodedImages, EncodedTexts
+        from ..pipeline import model_from_checkpoint
+
+        try:
+            man = json.loads((path / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SearchIndexError(f"{path}: not a tvrn index folder (manifest.json: {e})") from None
+        if man.get("format") != FORMAT or man.get("version") != DIR_VERSION:
+            raise SearchIndexError(f"{path}: manifest.json is not a tvrn index version {DIR_VERSION}")
+        if verify:
+            for rel, digest in man["files"].items():
+                f = path / rel
+                if not f.is_file():
+                    raise SearchIndexError(f"{path}: {rel} is missing")
+                if sha256_file(f) != digest:
+                    raise SearchIndexError(f"{path}: {rel} is corrupted (its sha256 differs from manifest.json)")
+        ckpt = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        model, tokenizer = model_from_checkpoint(ckpt, source=str(path / "model.pt"))
+        images = FieldStore(path / "images", man["fields"]["images"], EncodedImages)
+        texts = FieldStore(path / "texts", man["fields"]["texts"], EncodedTexts)
+        vectors = []
+        for side in ("image", "text"):
+            vec = np.load(path / f"{side}_vectors.npy", mmap_mode="r")
+            index = None
+            if man.get("faiss"):
+                import faiss
+
+                index = faiss.read_index(str(path / f"{side}.faiss"))
+                if nprobe is not None and ("IVF" in man["faiss"] or "HNSW" in man["faiss"]):  # Flat: exact already
+                    faiss.ParameterSpace().set_index_parameter(index, "nprobe" if "IVF" in man["faiss"] else "efSearch",
+                                                                nprobe)
+            vectors.append(_Vectors(vec, index))
+        captions = (path / "captions.txt").read_text().split("\n")[: man["counts"]["captions"]]
+        ids = (path / "image_ids.txt").read_text().split("\n")[: man["counts"]["images"]]
+        return cls(model, tokenizer, ckpt, images, texts, ids, captions,
+                   torch.from_numpy(np.load(path / "caption_to_image.npy")), data_root=man["data_root"],
+                   split=man["split"], image_dir=man["image_dir"], vectors=tuple(vectors))
 
     # ------------------------------------------------------------------ queries
     def encode_queries(self, queries: list[str]):
@@ -183,14 +357,19 @@ class SearchIndex:
         k, m = self._check_k(k, shortlist, self.num_images)
         enc = self.encode_queries(queries)
         qv = self.model.shortlist_embed_text(enc).float()  # (Q, D)
-        cos = qv @ self.image_vectors.t()  # (Q, N_img)
-        cands = cos.topk(m, dim=1).indices if m < self.num_images else None  # (Q, m) as topk_exact would
         results = []
+        if m < self.num_images:
+            cands, _ = self.image_vec.top(qv, m)  # (Q, m)
         for q in range(len(queries)):
-            cand = torch.arange(self.num_images) if cands is None else cands[q]
-            full = score_all(self.model, self.enc_images[cand], enc[q : q + 1])[:, 0]  # (m,)
+            if m < self.num_images:
+                cand = cands[q][cands[q] >= 0]  # FAISS pads with -1 when it finds fewer
+                full = score_all(self.model, self.images.get(cand), enc[q : q + 1])[:, 0]  # (m,)
+            else:  # exact: every image, a chunk at a time
+                cand = torch.arange(self.num_images)
+                full = torch.cat([score_all(self.model, rows, enc[q : q + 1])[:, 0] for _, rows in self.images.chunks()])
+            cos = self.image_vec.cosines(qv[q : q + 1], cand)[0]  # (m,)
             results.append([Hit(rank=r + 1, index=i, score=s, shortlist_score=c, image_id=self.image_ids[i])
-                            for r, (i, s, c) in enumerate(self._rank(cand, full, cos[q, cand], k))])
+                            for r, (i, s, c) in enumerate(self._rank(cand, full, cos, k))])
         return results[0] if isinstance(query, str) else results
 
     def search_image(self, image: int, k: int = 10, shortlist: Optional[int] = 500) -> list[Hit]:
@@ -198,15 +377,21 @@ class SearchIndex:
         if not isinstance(image, int) or not 0 <= image < self.num_images:
             raise SearchIndexError(f"image index must be an integer in [0, {self.num_images}), got {image!r}")
         k, m = self._check_k(k, shortlist, self.num_captions)
-        iv = self.image_vectors[image : image + 1]  # (1, D)
-        cos = (iv @ self.text_vectors.t())[0]  # (N_caps,)
-        cand = cos.topk(m).indices if m < self.num_captions else torch.arange(self.num_captions)  # (m,)
-        full = score_all(self.model, self.enc_images[image : image + 1], self.enc_texts[cand])[0]  # (m,)
+        iv = self.image_vec.row(image)  # (1, D)
+        img = self.images.get(torch.tensor([image]))
+        if m < self.num_captions:
+            cand = self.text_vec.top(iv, m)[0][0]
+            cand = cand[cand >= 0]
+            full = score_all(self.model, img, self.texts.get(cand))[0]  # (m,)
+        else:
+            cand = torch.arange(self.num_captions)
+            full = torch.cat([score_all(self.model, img, rows)[0] for _, rows in self.texts.chunks()])
+        cos = self.text_vec.cosines(iv, cand)[0]
         hits = []
-        for r, (c, s, sc) in enumerate(self._rank(cand, full, cos[cand], k)):
-            img = int(self.caption_to_image[c])
-            hits.append(Hit(rank=r + 1, index=c, score=s, shortlist_score=sc, image_id=self.image_ids[img],
-                            text=self.captions[c], image_index=img))
+        for r, (c, s, sc) in enumerate(self._rank(cand, full, cos, k)):
+            img_c = int(self.caption_to_image[c])
+            hits.append(Hit(rank=r + 1, index=c, score=s, shortlist_score=sc, image_id=self.image_ids[img_c],
+                            text=self.captions[c], image_index=img_c))
         return hits
 
     # ------------------------------------------------------------------ for the web page
@@ -225,7 +410,106 @@ class SearchIndex:
 
     def info(self) -> dict[str, Any]:
         return {"model": self.model_name, "data_root": self.data_root, "split": self.split,
-                "images": self.num_images, "captions": self.num_captions, "has_image_files": self.image_dir is not None}
+                "images": self.num_images, "captions": self.num_captions, "has_image_files": self.image_dir is not None,
+                "on_disk": self.images.on_disk, "faiss": self.image_vec.faiss is not None}
+
+
+def _load_model(checkpoint_path, device):
+    """(model in eval mode, tokenizer, the slim checkpoint an index stores: config, weights, vocabulary)."""
+    from ..pipeline import load_trained
+    from ..train.checkpoint import load_checkpoint
+
+    model, tokenizer, _ = load_trained(checkpoint_path)
+    ckpt = load_checkpoint(checkpoint_path)
+    if device is not None:
+        model.to(device)
+    slim = {"config": {k: ckpt["config"].get(k) for k in ("model_name", "model")}, "model": ckpt["model"],
+            "vocab": ckpt.get("vocab")}
+    return model.eval(), tokenizer, slim
+
+
+def _ids(data) -> list[str]:
+    return list(data.ids) if data.ids is not None else [str(i) for i in range(data.num_images)]
+
+
+def _image_dir(data_root, split, image_dir) -> Optional[str]:
+    if image_dir is None and (Path(data_root) / "images" / split).is_dir():
+        image_dir = Path(data_root) / "images" / split
+    return None if image_dir is None else str(Path(image_dir).resolve())
+
+
+class _IndexWriter:
+    """Writes an index folder into a temporary folder beside `out`, renamed into place by finish()."""
+
+    def __init__(self, out, n_images: int, n_captions: int, dtype: str, max_words: Optional[int] = None):
+        self.out = Path(out)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.dtype, self.max_words = dtype, max_words
+        self.images = FieldWriter(self.tmp / "images", n_images, dtype)
+        self.texts = None
+        self.n_captions = n_captions
+        self.vec = {"image": None, "text": None}
+        self.sizes = {"image": n_images, "text": n_captions}
+
+    def _vectors(self, side: str, start: int, v: torch.Tensor) -> None:
+        if self.vec[side] is None:
+            self.vec[side] = np.lib.format.open_memmap(self.tmp / f"{side}_vectors.npy", mode="w+", dtype=np.float32,
+                                                       shape=(self.sizes[side], v.shape[1]))
+        self.vec[side][start:start + v.shape[0]] = v.cpu().numpy()
+
+    def add_images(self, start: int, enc, vectors: torch.Tensor) -> None:
+        self.images.write(start, enc)
+        self._vectors("image", start, vectors)
+
+    def add_texts(self, start: int, enc, vectors: torch.Tensor) -> None:
+        from ..models.base import WORD_AXIS_FIELDS
+
+        if self.texts is None:  # captions of all lengths in one file: the word axis at the longest
+            L = self.max_words or enc.mask.shape[1]
+            shapes = {f.name: (L, *getattr(enc, f.name).shape[2:]) for f in dataclasses.fields(enc)
+                      if f.name in WORD_AXIS_FIELDS and isinstance(getattr(enc, f.name), torch.Tensor)}
+            self.texts = FieldWriter(self.tmp / "texts", self.n_captions, self.dtype, max_shape=shapes)
+        self.texts.write(start, enc)
+        self._vectors("text", start, vectors)
+
+    def finish(self, checkpoint: dict, image_ids, captions, caption_to_image, data_root, split, image_dir,
+               faiss_spec: Optional[str]) -> None:
+        for side in ("image", "text"):
+            self.vec[side].flush()
+        meta_i, meta_t = self.images.close(), self.texts.close()
+        if faiss_spec:
+            import faiss
+
+            for side in ("image", "text"):
+                vec = np.load(self.tmp / f"{side}_vectors.npy", mmap_mode="r")
+                index = faiss.index_factory(vec.shape[1], faiss_spec, faiss.METRIC_INNER_PRODUCT)
+                if not index.is_trained:  # IVF / PQ: train on a sample of the vectors
+                    step = max(1, vec.shape[0] // 100_000)
+                    index.train(np.ascontiguousarray(vec[::step], dtype=np.float32))
+                for s0 in range(0, vec.shape[0], 65536):
+                    index.add(np.ascontiguousarray(vec[s0:s0 + 65536], dtype=np.float32))
+                faiss.write_index(index, str(self.tmp / f"{side}.faiss"))
+        torch.save(checkpoint, self.tmp / "model.pt")
+        (self.tmp / "captions.txt").write_text("\n".join(captions))
+        (self.tmp / "image_ids.txt").write_text("\n".join(image_ids))
+        np.save(self.tmp / "caption_to_image.npy", torch.as_tensor(caption_to_image).long().numpy())
+        files = {str(p.relative_to(self.tmp)): sha256_file(p) for p in sorted(self.tmp.rglob("*")) if p.is_file()}
+        man = {"format": FORMAT, "version": DIR_VERSION, "counts": {"images": len(image_ids), "captions": len(captions)},
+               "dtype": self.dtype, "faiss": faiss_spec, "data_root": data_root, "split": split,
+               "image_dir": image_dir, "fields": {"images": meta_i, "texts": meta_t}, "files": files}
+        (self.tmp / "manifest.json").write_text(json.dumps(man, indent=1))
+        if self.out.exists():  # replace: move the old one aside first, so a reader sees one or the other
+            old = self.out.parent / f".{self.out.name}.old"
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(self.tmp, self.out)
 
 
 __all__ = ["Hit", "SearchIndex", "SearchIndexError"]

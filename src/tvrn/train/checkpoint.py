@@ -28,15 +28,39 @@ import torch
 from ..fileio import atomic_write
 
 
+def state_digest(state: dict) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and tensor bytes (sorted by name)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes (bf16, bool, 0-dim included)
+    return h.hexdigest()
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save through tvrn.fileio.atomic_write: a reader (or a resume after a kill) sees the old file or
-    the new one, never half of one."""
+    the new one, never half of one. A dict with a "model" state dict also gets "model_sha256", which
+    `load_checkpoint` checks (a flipped bit in the weights is refused, not used)."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = {**obj, "model_sha256": state_digest(obj["model"])}
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """torch.load(path, weights_only=True): plain tensors, dicts, lists and numbers only."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """torch.load(path, weights_only=True): plain tensors, dicts, lists and numbers only. A checkpoint written
+    with a "model_sha256" is refused when its weights no longer match it."""
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(obj, dict) and obj.get("model_sha256") and isinstance(obj.get("model"), dict):
+        if state_digest(obj["model"]) != obj["model_sha256"]:
+            raise ValueError(f"{path}: the model weights are corrupted (their sha256 differs from the one saved "
+                             f"with them)")
+    return obj
 
 
 def get_rng_state() -> dict:
