@@ -240,6 +240,29 @@ def test_spatial_attention_ignores_non_adjacent_regions():
     torch.testing.assert_close(iso, V, atol=1e-6, rtol=0)
 
 
+def test_context_binds_a_colour_region_to_the_object_it_overlaps():
+    """Hand-made scene where the answer is known (the synthetic benchmark's ambiguity): two cats, alike but for
+    their positions (dims 4, 5), and a red colour region (dim 1) overlapping cat A only. The attention's key
+    projection sees only the category (both cats give the same key), so without geometry the red region's context
+    is half cat A, half cat B; through the IoU adjacency it is cat A's, with nothing of cat B."""
+    def scene_context(**switches):
+        model = build("tvrn_sgr", embed_size=8, **switches)
+        att = model.spatial if switches.get("relational_context") is False else model.relational
+        with torch.no_grad():
+            att.q.weight.copy_(torch.eye(8)), att.q.bias.zero_()
+            att.k.weight.zero_(), att.k.bias.zero_()
+            att.k.weight[1, 0] = 1.0  # key: "is a cat" -> the red query's direction
+            e = torch.eye(8)
+            V = l2norm(torch.stack([e[0] + e[4], e[1], e[0] + e[5]]))[None]  # cat A, red, cat B
+            adj = torch.tensor([[[1, 1, 0], [1, 1, 0], [0, 0, 1]]], dtype=torch.bool)  # red overlaps cat A
+            return model._context(V, torch.ones(1, 3, dtype=torch.bool), adj)[0, 1]  # the red region's (D,)
+
+    spatial = scene_context(relational_context=False)
+    relational = scene_context(spatial_context=False)
+    assert spatial[4] > 0.5 and spatial[5] == 0  # cat A's position, none of cat B's
+    assert relational[4] == pytest.approx(float(relational[5]), abs=1e-6) and relational[5] > 0.3  # ambiguous
+
+
 def test_spatial_context_uses_the_adjacency_of_its_own_image():
     model = build("tvrn_sgr")
     images, texts = make_images(), make_texts(model)
