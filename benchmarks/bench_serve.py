@@ -4,18 +4,20 @@ The server is a real `tvrn serve` process on a 200-image index (the synthetic be
 model at the demo's widths with random weights: the load, not the answers, is measured). Each client thread
 keeps one HTTP/1.1 connection and sends, at random, a search (40%: a caption of the split as the query, k 10,
 shortlist 100), an image query (10%), or a cheap request (50%: /api/info, the page, an image file), until the
-phase has sent its requests or run 60 s. Reported per phase: requests, p50 / p99 latency of cheap requests and of
+phase has sent its requests or run 60 s. The client threads are spread over --client-processes processes (in
+one process their own GIL would be part of the latency measured). Reported per phase: requests, p50 / p99 latency of cheap requests and of
 model requests, statuses (503 is the pool's deliberate "busy"; a client that gets one waits its Retry-After
 before its next request), errors (any other non-200), dropped connections
 (a request that got no answer), and the server's RSS before and after.
 
-    python benchmarks/bench_serve.py [--clients 20 100] [--requests 1500] [--out benchmarks/results/serve.json]
+    python benchmarks/bench_serve.py [--clients 20 100] [--requests 1500] [--client-processes 4] [--out benchmarks/results/serve.json]
 """
 from __future__ import annotations
 
 import argparse
 import http.client
 import json
+import multiprocessing
 import random
 import socket
 import statistics
@@ -101,10 +103,10 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
 
 
-def phase(port, pid, clients, requests, captions, n_images, seconds):
+def client_group(port, captions, n_images, clients, requests, seconds, seed):
+    """One client process: `clients` threads sharing a budget of `requests`; -> [(kind, status, seconds)]."""
     results, stop, budget = [], threading.Event(), [requests, threading.Lock()]
-    before = rss(pid)
-    threads = [threading.Thread(target=client, args=(port, captions, n_images, stop, budget, results, k))
+    threads = [threading.Thread(target=client, args=(port, captions, n_images, stop, budget, results, seed + k))
                for k in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
@@ -114,8 +116,20 @@ def phase(port, pid, clients, requests, captions, n_images, seconds):
     stop.set()
     for t in threads:
         t.join()
+    return results
+
+
+def phase(port, pid, clients, requests, captions, n_images, seconds, processes):
+    """clients threads spread over `processes` client processes (one process's GIL would time its own threads)."""
+    before = rss(pid)
+    share = [clients // processes + (k < clients % processes) for k in range(processes)]
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        parts = pool.starmap(client_group, [(port, captions, n_images, c, requests * c // clients, seconds, 1000 * k)
+                                            for k, c in enumerate(share) if c])
+    results = [r for part in parts for r in part]
     wall = time.perf_counter() - t0
-    out = {"clients": clients, "requests": len(results), "seconds": wall, "rss_before_bytes": before,
+    out = {"clients": clients, "client_processes": processes, "requests": len(results), "seconds": wall, "rss_before_bytes": before,
            "rss_after_bytes": rss(pid), "statuses": {}}
     for kind in ("cheap", "model"):
         lat = [t for k, s, t in results if k == kind and s == 200]
@@ -133,6 +147,7 @@ def main():
     ap.add_argument("--clients", nargs="*", type=int, default=[20, 100])
     ap.add_argument("--requests", type=int, default=1500, help="requests per phase (at most)")
     ap.add_argument("--seconds", type=float, default=60.0, help="time per phase (at most)")
+    ap.add_argument("--client-processes", type=int, default=4, help="processes the clients are spread over")
     ap.add_argument("--data", default="data/synth")
     ap.add_argument("--index", default="runs/bench_serve/test.index")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
@@ -155,7 +170,7 @@ def main():
         time.sleep(1.0)
         res = {"command": " ".join(["python", *sys.argv]), "index_images": n_images, "phases": []}
         for c in a.clients:
-            res["phases"].append(p := phase(port, server.pid, c, a.requests, captions, n_images, a.seconds))
+            res["phases"].append(p := phase(port, server.pid, c, a.requests, captions, n_images, a.seconds, a.client_processes))
             print(json.dumps(p), file=sys.stderr, flush=True)
     finally:
         server.terminate()

@@ -64,6 +64,9 @@ def register(subparsers) -> None:
     p.add_argument("--queue", type=int, default=8, help="searches that may wait; more get 503 (default %(default)s)")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection may take to send its request head (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for model calls (default: CPU cores - 1, so the event loop that answers "
+                        "the page, /api/info, image files and 503s always has a core)")
     p.set_defaults(func=run_serve)
 
 
@@ -140,6 +143,12 @@ def run_serve(args: argparse.Namespace) -> int:
     except (SearchIndexError, FileNotFoundError) as e:
         print(f"tvrn serve: {e}", file=sys.stderr)
         return 2
+    import torch
+
+    if args.threads is not None and args.threads < 1:
+        print(f"tvrn serve: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads if args.threads else max(1, (os.cpu_count() or 1) - 1))
     token = args.token or os.environ.get("TVRN_SERVE_TOKEN") or None
     if not is_loopback(args.host):
         print(f"tvrn serve: WARNING: listening on {args.host}, reachable from other machines"
