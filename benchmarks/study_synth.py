@@ -234,8 +234,9 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SUITES), figsize=(6.5 * len(SUITES), 4.6), dpi=110)
-    for ax, suite in zip(axes, SUITES):
+    suites = [s for s in ("study", "probe", "twins") if any(r["suite"] == s for r in rows)]
+    fig, axes = plt.subplots(1, len(suites), figsize=(6.5 * len(suites), 4.6), dpi=110, squeeze=False)
+    for ax, suite in zip(axes[0], suites):
         for k, name in enumerate(SUITES[suite]):
             g = [r["dev_rsum_per_epoch"] for r in rows if r["suite"] == suite and r["config"] == name]
             if not g:
@@ -245,7 +246,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.plot(range(1, len(curve) + 1), curve, color=colour, alpha=0.25, lw=1)
             n = min(len(c) for c in g)
             ax.plot(range(1, n + 1), np.mean([c[:n] for c in g], 0), color=colour, lw=2, label=f"{name} ({len(g)})")
-        ax.set_title(f"{suite}: dev RSUM per epoch (thin: seeds, thick: mean)")
+        ax.set_title(f"{suite}: dev RSUM per epoch (thin: seeds, thick: mean over the seeds' common epochs)",
+                     fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("dev RSUM")
         ax.grid(alpha=0.3)

@@ -231,6 +231,16 @@ def test_non_loopback_host_warns(setup, monkeypatch, capsys):  # noqa: F811
     assert "WARNING" not in capsys.readouterr().err
 
 
+def test_serve_threads_option(setup, monkeypatch, capsys):  # noqa: F811
+    import tvrn.search.server as srv
+
+    seen = {}
+    monkeypatch.setattr(srv, "serve", lambda *a, **k: seen.update(k))
+    assert main(["serve", str(setup[3]), "--threads", "3"]) == 0 and seen["threads"] == 3
+    assert main(["serve", str(setup[3]), "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------- a real browser
 def _chromium():
     for name in ("chromium", "chromium-browser", "google-chrome"):

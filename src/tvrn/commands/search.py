@@ -143,12 +143,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except (SearchIndexError, FileNotFoundError) as e:
         print(f"tvrn serve: {e}", file=sys.stderr)
         return 2
-    import torch
-
     if args.threads is not None and args.threads < 1:
         print(f"tvrn serve: --threads must be at least 1, got {args.threads}", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads if args.threads else max(1, (os.cpu_count() or 1) - 1))
     token = args.token or os.environ.get("TVRN_SERVE_TOKEN") or None
     if not is_loopback(args.host):
         print(f"tvrn serve: WARNING: listening on {args.host}, reachable from other machines"
@@ -160,7 +157,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         serve(index, args.host, args.port, quiet=args.quiet, token=token, workers=args.workers, queue=args.queue,
-              header_timeout=args.header_timeout, ready=ready)
+              header_timeout=args.header_timeout, ready=ready, threads=args.threads)
     except SystemExit as e:  # uvicorn exits when it cannot bind
         if e.code:
             print(f"tvrn serve: cannot listen on {args.host}:{args.port}", file=sys.stderr)

@@ -272,10 +272,15 @@ class ServerThread:
 
 def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
           token: Optional[str] = None, workers: int = 1, queue: int = 8, header_timeout: float = 10.0,
-          ready: Optional[Callable[[str], None]] = None) -> None:
-    """Serve until interrupted. ready(url) is called once the socket listens."""
+          ready: Optional[Callable[[str], None]] = None, threads: Optional[int] = None) -> None:
+    """Serve until interrupted. ready(url) is called once the socket listens. Model calls get `threads` torch
+    threads (default: CPU cores - 1, so the event loop answering cheap requests and 503s keeps a core)."""
+    import os
+
+    import torch
     import uvicorn
 
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
     server = uvicorn.Server(make_config(create_app(index, token, workers, queue), host, port, quiet, header_timeout))
     if ready is not None:
         original = server.startup
