@@ -155,6 +155,8 @@ def extract_split(extractor: RegionExtractor, image_dir: str | os.PathLike, file
     result = SplitResult(split, [], resumed_from=int(state["done"]))
     bad = {int(i): (f, why) for i, f, why in state["bad"]}
     t0 = time.perf_counter()
+    if progress:
+        progress(int(state["done"]), n)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         start = int(state["done"])
         while start < n:

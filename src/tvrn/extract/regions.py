@@ -5,8 +5,8 @@ Boxes are (R, 4) x1, y1, x2, y2 in pixels of the (EXIF-oriented) image, the prec
 - `grid_boxes(w, h, levels)`: a fixed multi-scale grid, level n cuts the image into n x n cells; levels (1, 2,
   3, 4) give R = 1 + 4 + 9 + 16 = 30 boxes, the whole image first. Fast, the same for every image.
 - `selective_search_boxes(rgb, r)`: object-like proposals from OpenCV's contrib package (selective search, the
-  proposal method of the original R-CNN), the whole image first, then proposals in OpenCV's order after
-  dropping tiny and near-duplicate ones, topped up with grid boxes when too few remain.
+  proposal method of the original R-CNN), the whole image first, then proposals largest first after dropping
+  tiny and near-duplicate ones (IoU > 0.7 with a kept box), topped up with grid boxes when too few remain.
 - `roi_align(features, boxes, output_size)`: RoIAlign (Mask R-CNN) in plain torch, the semantics of
   `torchvision.ops.roi_align(..., spatial_scale=1, sampling_ratio=-1, aligned=True)`: boxes in feature-map
   coordinates, each of output_size x output_size bins averages ceil(box size / output_size) bilinear samples
@@ -69,10 +69,13 @@ def selective_search_boxes(rgb: np.ndarray, num_regions: int, max_side: int = 25
     ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     ss.setBaseImage(np.ascontiguousarray(small[:, :, ::-1]))  # OpenCV wants BGR
     ss.switchToSelectiveSearchFast()
-    rects = ss.process()  # (n, 4) x, y, w, h in the small image
+    rects = np.unique(np.asarray(ss.process()).reshape(-1, 4), axis=0)  # (n, 4) x, y, w, h, small image
+    # OpenCV ranks its proposals with an unseeded random number (the set is the same on every run, the
+    # order is not): order them by area, largest first, then position, so the boxes are the same every run
+    rects = rects[np.lexsort((rects[:, 1], rects[:, 0], -(rects[:, 2] * rects[:, 3])))]
     sx, sy = w / small.shape[1], h / small.shape[0]
     kept = [np.array([0, 0, w, h], dtype=np.float64)]
-    for x, y, bw, bh in np.asarray(rects).reshape(-1, 4)[:2000]:
+    for x, y, bw, bh in rects:
         box = np.array([x * sx, y * sy, (x + bw) * sx, (y + bh) * sy])
         if (box[2] - box[0]) * (box[3] - box[1]) < min_area * w * h:
             continue
