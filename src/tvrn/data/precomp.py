@@ -193,9 +193,10 @@ class PrecompSplit:
             if limit_captions is not None:
                 if limit_captions <= 0:
                     raise ValueError(f"limit_captions must be positive, got {limit_captions}")
+                cut_inside = limit_captions < len(c2i) and c2i[limit_captions] in c2i[:limit_captions]
                 captions, c2i = captions[:limit_captions], c2i[:limit_captions]
                 n_img = int(c2i.max()) + 1
-                if len(np.unique(c2i)) != n_img:
+                if cut_inside or len(np.unique(c2i)) != n_img:
                     raise ValueError(f"limit_captions={limit_captions} does not keep whole images 0..{n_img - 1} "
                                      f"of {self.caption_map_file}")
                 n_rows = n_img
