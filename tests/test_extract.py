@@ -316,3 +316,115 @@ def test_selective_search_boxes_are_deterministic_and_inside(photos):
     assert ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) >= 0.01 * w * h - 1e-3).all()
     tiny = selective_search_boxes(np.zeros((10, 10, 3), np.uint8), 8)  # few proposals: topped up by the grid
     assert tiny.shape == (8, 4) and tiny[0].tolist() == [0, 0, 10, 10]
+
+
+# ---------------------------------------------------------------------------- end to end, image queries
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, photos, one_thread):
+    """photos + the committed captions -> tvrn extract -> a small TVRN trained a few epochs -> an index."""
+    from tvrn.pipeline import resolve_config, train_from_config
+    from tvrn.search import SearchIndex
+
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "data"
+    rc = main(["extract", str(photos), "--out", str(data), "--captions", str(FIXTURE / "captions.csv"),
+               "--split", "train", "--input-size", "224", "--batch-size", "8", "--no-progress"])
+    assert rc == 0
+    for f in data.glob("train_*"):  # dev = the same photos (13 captioned photos: no held-out set to spare)
+        shutil.copy(f, data / f.name.replace("train_", "dev_", 1))
+    cfg = resolve_config({"model": {"name": "tvrn_sgr", "embed_size": 64, "sim_dim": 32, "word_dim": 32},
+                          "data": {"root": str(data)},
+                          "train": {"epochs": 10, "batch_size": 8, "lr": 2e-3, "seed": 0, "tensorboard": False,
+                                    "loss_mode": "sum",
+                                    "patience": 100}})
+    train_from_config(cfg, root / "run")
+    index = SearchIndex.build_to(root / "train.index", root / "run" / "best.pt", data, "train")
+    return root, data, index
+
+
+def test_end_to_end_each_photo_is_found_by_its_own_captions(trained):
+    root, data, index = trained
+    from tvrn.data import load_split
+    from tvrn.evaluation import evaluate
+    from tvrn.scoring import score_all
+
+    split = load_split(data, "train")
+    assert split.num_images == 13 and split.num_captions == 28 and split.feature_size == 1280
+    scores = torch.cat([score_all(index.model, rows, index.texts.get(torch.arange(index.num_captions)))
+                        for _, rows in index.images.chunks()])  # (13, 28)
+    m = evaluate(scores, torch.as_tensor(split.caption_to_image))
+    # chance: t2i R@1 = 1/13 = 7.7 %, mean rank 7; the model fits its 13 photos well above that
+    assert m["t2i/R@1"] > 50 and m["t2i/meanr"] < 3 and m["i2t/R@1"] > 50, m
+    hits = index.search_text("an orange tabby cat looking to the side", k=3)
+    assert hits[0].image_id == "chelsea"
+
+
+def test_image_file_query_ranks_the_photos_own_captions_first(trained, photos, capsys):
+    root, data, index = trained
+    from tvrn.search import SearchIndex
+
+    loaded = SearchIndex.load(root / "train.index")
+    assert loaded.extract["gallery"]["recipe"]["input_size"] == 224
+    for name, want in (("coffee.png", "coffee"), ("rocket.jpg", "rocket")):
+        hits = loaded.search_image_file(photos / name, k=3, shortlist=None)
+        gallery = loaded.search_image(loaded.image_ids.index(want), k=3, shortlist=None)
+        assert hits[0].image_id == want
+        assert [h.index for h in hits] == [h.index for h in gallery]  # the same photo: the gallery's own ranking
+        np.testing.assert_allclose([h.score for h in hits], [h.score for h in gallery], rtol=1e-4, atol=1e-5)
+    assert main(["search", str(root / "train.index"), "--image-file", str(photos / "chelsea.png"), "-k", "2",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["image_id"] == "chelsea"
+    from tvrn.search import SearchIndexError
+
+    with pytest.raises(SearchIndexError, match="cannot read the uploaded file as an image"):
+        loaded.search_image_file(b"not an image")
+
+
+def test_image_file_queries_refused_on_another_recipe_or_plain_features(trained, photos, tmp_path):
+    root, data, index = trained
+    from tvrn.search import SearchIndex, SearchIndexError
+
+    other = tmp_path / "other"  # the same photos at another input size: a gallery of another recipe
+    assert main(["extract", str(photos), "--out", str(other), "--captions", str(FIXTURE / "captions.csv"),
+                 "--split", "test", "--input-size", "96", "--grid", "1,2,3,4", "--no-progress"]) == 0
+    mixed = SearchIndex.build_to(tmp_path / "mixed.index", root / "run" / "best.pt", other, "test")
+    with pytest.raises(SearchIndexError, match=r"another extraction recipe .*input_size: 224 != 96"):
+        mixed.search_image_file(photos / "coffee.png")
+    plain = tmp_path / "plain"  # features not made by tvrn extract (no manifest)
+    shutil.copytree(data, plain)
+    (plain / "manifest.json").unlink()
+    bare = SearchIndex.build_to(tmp_path / "plain.index", root / "run" / "best.pt", plain, "train")
+    with pytest.raises(SearchIndexError, match="not made by `tvrn extract`"):
+        bare.search_image_file(photos / "coffee.png")
+
+
+def test_upload_over_http(trained, photos, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import urllib.error
+    import urllib.request
+
+    from tvrn.search import SearchIndex
+    from tvrn.search.server import ServerThread, create_app
+
+    root, data, index = trained
+    body = (photos / "coffee.png").read_bytes()
+    with ServerThread(create_app(SearchIndex.load(root / "train.index"))) as url:
+        req = urllib.request.Request(f"{url}/api/query-image?k=2", data=body, method="POST",
+                                     headers={"Content-Type": "image/png"})
+        out = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        assert out["k"] == 2 and out["hits"][0]["image_id"] == "coffee"
+        bad = urllib.request.Request(f"{url}/api/query-image", data=b"garbage", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(bad, timeout=60)
+        assert e.value.code == 400 and "cannot read" in json.loads(e.value.read())["error"]
+    plain = tmp_path / "plain"
+    shutil.copytree(data, plain)
+    (plain / "manifest.json").unlink()
+    bare = SearchIndex.build_to(tmp_path / "plain.index", root / "run" / "best.pt", plain, "train")
+    with ServerThread(create_app(bare)) as url:
+        req = urllib.request.Request(f"{url}/api/query-image", data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == 409 and "tvrn extract" in json.loads(e.value.read())["error"]
