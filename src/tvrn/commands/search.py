@@ -100,7 +100,7 @@ def run_search(args: argparse.Namespace) -> int:
 
     image_file = getattr(args, "image_file", None)
     if sum(x is not None for x in (args.query, args.image, image_file)) != 1:
-        print("tvrn search: give one of a query text, --image N or --image-file PATH", file=sys.stderr)
+        print("tvrn search: give either a query text or --image N (or --image-file PATH)", file=sys.stderr)
         return 2
     try:
         index = _load(args.index, args)
