@@ -366,6 +366,7 @@ def test_image_file_query_ranks_the_photos_own_captions_first(trained, photos, c
 
     loaded = SearchIndex.load(root / "train.index")
     assert loaded.extract["gallery"]["recipe"]["input_size"] == 224
+    assert loaded.image_path(loaded.image_ids.index("rocket")) == photos.resolve() / "rocket.jpg"  # for the page
     for name, want in (("coffee.png", "coffee"), ("rocket.jpg", "rocket")):
         hits = loaded.search_image_file(photos / name, k=3, shortlist=None)
         gallery = loaded.search_image(loaded.image_ids.index(want), k=3, shortlist=None)
@@ -411,6 +412,7 @@ def test_upload_over_http(trained, photos, tmp_path):
     root, data, index = trained
     body = (photos / "coffee.png").read_bytes()
     with ServerThread(create_app(SearchIndex.load(root / "train.index"))) as url:
+        assert json.loads(urllib.request.urlopen(f"{url}/api/info", timeout=30).read())["image_file_queries"] is True
         req = urllib.request.Request(f"{url}/api/query-image?k=2", data=body, method="POST",
                                      headers={"Content-Type": "image/png"})
         out = json.loads(urllib.request.urlopen(req, timeout=60).read())
@@ -424,6 +426,8 @@ def test_upload_over_http(trained, photos, tmp_path):
     (plain / "manifest.json").unlink()
     bare = SearchIndex.build_to(tmp_path / "plain.index", root / "run" / "best.pt", plain, "train")
     with ServerThread(create_app(bare)) as url:
+        info = json.loads(urllib.request.urlopen(f"{url}/api/info", timeout=30).read())
+        assert info["image_file_queries"] is False and "tvrn extract" in info["image_file_queries_refused"]
         req = urllib.request.Request(f"{url}/api/query-image", data=body, method="POST")
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=60)

@@ -72,7 +72,7 @@ def extract_dataset(image_dir: str | os.PathLike, out_dir: str | os.PathLike, ex
             res = extract_split(extractor, image_dir, split_files, out, name, batch_size=batch_size,
                                 workers=workers, skip_bad=skip_bad, restart=restart,
                                 progress=progress(name) if progress else None)
-            _note_request(out, name, split_files)
+            _note_request(out, name, split_files, image_dir)
             summary["splits"][name] = res
             kept = res.files
         if caps_by_file is not None:
@@ -85,10 +85,11 @@ def extract_dataset(image_dir: str | os.PathLike, out_dir: str | os.PathLike, ex
     return summary
 
 
-def _note_request(out: Path, split: str, requested) -> None:
+def _note_request(out: Path, split: str, requested, image_dir) -> None:
     """Record which images were asked for (before skipping bad ones), so an unchanged rerun is 'up to date'."""
     from .folder import _write_json
 
     man = read_manifest(out)
     man["splits"][split]["requested_sha256"] = _list_hash(requested)
+    man["splits"][split]["image_dir"] = str(Path(image_dir).resolve())  # the web page shows these files
     _write_json(out / "manifest.json", man)

@@ -414,7 +414,7 @@ class SearchIndex:
         return [self.captions[c] for c in torch.nonzero(self.caption_to_image == image).reshape(-1).tolist()]
 
     def image_path(self, image: int) -> Optional[Path]:
-        """The image file of gallery image `image` (image_dir/<id>.png|.jpg|.jpeg), or None."""
+        """The image file of gallery image `image` (image_dir/<id> + one of IMAGE_SUFFIXES), or None."""
         if self.image_dir is None or not 0 <= image < self.num_images:
             return None
         for suffix in IMAGE_SUFFIXES:
@@ -450,6 +450,13 @@ def _ids(data) -> list[str]:
 def _image_dir(data_root, split, image_dir) -> Optional[str]:
     if image_dir is None and (Path(data_root) / "images" / split).is_dir():
         image_dir = Path(data_root) / "images" / split
+    if image_dir is None:  # a `tvrn extract` data folder records the photo folder of each split
+        try:
+            image_dir = json.loads((Path(data_root) / "manifest.json").read_text())["splits"][split].get("image_dir")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            image_dir = None
+        if image_dir is not None and not Path(image_dir).is_dir():
+            image_dir = None
     return None if image_dir is None else str(Path(image_dir).resolve())
 
 

@@ -66,7 +66,11 @@ class SearchService:
         self.index, self.limits = index, limits
 
     def info(self) -> dict:
-        return {**self.index.info(), "limits": self.limits.__dict__}
+        from .image_query import image_query_problem
+
+        problem = image_query_problem(self.index)
+        return {**self.index.info(), "limits": self.limits.__dict__, "image_file_queries": problem is None,
+                **({"image_file_queries_refused": problem} if problem else {})}
 
     def _clamp(self, k: int, shortlist: int, n: int, notes: dict) -> tuple[int, Optional[int]]:
         if k > n:
