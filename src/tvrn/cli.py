@@ -1,4 +1,4 @@
-"""The `tvrn` command: synth | train | eval | demo | index | search | serve | convert.
+"""The `tvrn` command: synth | train | eval | demo | index | search | serve | convert | extract.
 
 Each subcommand lives in `tvrn.commands.<name>` and exposes `register(subparsers)`, which adds its parser and
 sets `func` to a callable taking the parsed arguments and returning an exit code. The library itself never
@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("synth", "train", "eval", "demo", "search", "convert")  # search: the index, search and serve commands
+COMMANDS = ("synth", "train", "eval", "demo", "search", "convert", "extract")  # search: the index, search and serve commands
 
 
 def build_parser() -> argparse.ArgumentParser:

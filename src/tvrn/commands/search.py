@@ -3,6 +3,7 @@
     tvrn index runs/tvrn/best.pt --data data/synth --split test --out runs/tvrn/test.index
     tvrn search runs/tvrn/test.index "a black cat on top of a small ball" -k 5
     tvrn search runs/tvrn/test.index --image 3 -k 5
+    tvrn search runs/mine/test.index --image-file photo.jpg -k 5     # index of a `tvrn extract` data folder
     tvrn serve runs/tvrn/test.index --port 8000
 """
 from __future__ import annotations
@@ -45,6 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--nprobe", type=int, help="FAISS search breadth (IVF lists / HNSW efSearch) of the shortlist")
     p.add_argument("query", nargs="?", help="caption to search for")
     p.add_argument("--image", type=int, help="rank captions for this gallery image instead")
+    p.add_argument("--image-file", help="rank captions for this photo, extracted with the gallery's recorded recipe "
+                                        "(indexes of `tvrn extract` data folders)")
     p.add_argument("-k", type=int, default=10, help="results to show (default %(default)s)")
     p.add_argument("--shortlist", type=int, default=None,
                    help="candidates re-ranked with the full score (default 100 images / 500 captions; 0: all)")
@@ -98,12 +101,16 @@ def run_index(args: argparse.Namespace) -> int:
 def run_search(args: argparse.Namespace) -> int:
     from tvrn.search.index import SearchIndexError
 
-    if (args.query is None) == (args.image is None):
-        print("tvrn search: give either a query text or --image N", file=sys.stderr)
+    image_file = getattr(args, "image_file", None)
+    if sum(x is not None for x in (args.query, args.image, image_file)) != 1:
+        print("tvrn search: give either a query text or --image N (or --image-file PATH)", file=sys.stderr)
         return 2
     try:
         index = _load(args.index, args)
-        if args.image is not None:
+        if image_file is not None:
+            short = 500 if args.shortlist is None else (args.shortlist or None)
+            hits = index.search_image_file(image_file, k=args.k, shortlist=short)
+        elif args.image is not None:
             short = 500 if args.shortlist is None else (args.shortlist or None)
             hits = index.search_image(args.image, k=args.k, shortlist=short)
         else:

@@ -11,6 +11,7 @@ from .collate import (
 )
 from .errors import (
     CaptionCountError,
+    CaptionMapError,
     DegenerateBoxError,
     EmptyCaptionError,
     FeatureFileError,
@@ -27,7 +28,7 @@ __all__ = [
     "ImageBatch", "PairBatch", "TextBatch",
     "PairDataset", "PairItem", "collate_images", "collate_pairs", "collate_texts",
     "iter_image_batches", "iter_text_batches",
-    "CaptionCountError", "DegenerateBoxError", "EmptyCaptionError", "FeatureFileError", "MissingFileError",
+    "CaptionCountError", "CaptionMapError", "DegenerateBoxError", "EmptyCaptionError", "FeatureFileError", "MissingFileError",
     "NonFiniteFeatureError", "TvrnDataError", "VocabularyError",
     "DEFAULT_ADJACENCY_THRESHOLD", "adjacency", "check_boxes", "iou_matrix",
     "CAPTIONS_PER_IMAGE", "COCO_DEV_CAPTIONS", "SPLITS", "NpyRows", "PrecompSplit", "load_split",

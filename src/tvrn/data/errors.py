@@ -36,6 +36,15 @@ class CaptionCountError(TvrnDataError):
         )
 
 
+class CaptionMapError(TvrnDataError):
+    """A caption -> image map (SPLIT_cap2img.txt) that does not fit the captions or the images."""
+
+    def __init__(self, file: str, line_number: Optional[int], problem: str):
+        self.file, self.line_number, self.problem = file, line_number, problem
+        where = f" at line {line_number}" if line_number is not None else ""
+        super().__init__(f"{file}{where}: {problem}")
+
+
 class NonFiniteFeatureError(TvrnDataError):
     """A feature (or box / size) row contains NaN or inf."""
 

@@ -4,13 +4,16 @@
 |----------------------|-------------------------------------------------------------|----------|
 | SPLIT_ims.npy        | float32 (N_img, R, Dv) region features                      | yes      |
 | SPLIT_caps.txt       | one caption per line, 5 consecutive lines per image         | yes      |
+| SPLIT_cap2img.txt    | one image index per caption line (any number per image)     | no       |
 | SPLIT_ids.txt        | one original image id per line                              | no       |
 | SPLIT_ims_bbx.npy    | (N_img, R, 4) region boxes x1, y1, x2, y2 in pixels         | no       |
 | SPLIT_ims_size.npy   | (N_img, 2) image width, height                              | no       |
 
 Two layouts are accepted: 5 captions per image (N_caps == 5 * N_img), and the variant that repeats each
 image 5 times (N_img == N_caps); in both, caption i belongs to image i // 5, and the reader exposes unique
-images only (unique image u is row 5 * u of a repeated file). The optional files may have one row per row
+images only (unique image u is row 5 * u of a repeated file). With SPLIT_cap2img.txt beside the captions
+(what `tvrn extract` writes), caption i belongs to image cap2img[i] instead: any number of captions per image,
+in any order, one row of SPLIT_ims.npy per image, every image with at least one caption. The optional files may have one row per row
 of SPLIT_ims.npy or one per unique image; SPLIT_ids.txt may also have one line per caption.
 
 Feature files are never read whole: `np.load(mmap_mode="r")` parses the header (shape, dtype, data offset),
@@ -27,6 +30,7 @@ import numpy as np
 
 from .errors import (
     CaptionCountError,
+    CaptionMapError,
     FeatureFileError,
     EmptyCaptionError,
     MissingFileError,
@@ -143,9 +147,9 @@ def _as_indices(indices: Indices, n: int) -> np.ndarray:
 class PrecompSplit:
     """One split of a precomp dataset.
 
-    num_images:       N_img unique images; num_captions: N_caps = 5 * N_img captions
+    num_images:       N_img unique images; num_captions: N_caps captions (5 * N_img without a caption map)
     captions:         list of N_caps caption strings (stripped)
-    caption_to_image: (N_caps,) int64, image index of each caption (i // 5)
+    caption_to_image: (N_caps,) int64, image index of each caption (SPLIT_cap2img.txt, else i // 5)
     image_features(indices) -> (n, R, Dv) float32; boxes(indices) -> (n, R, 4) float32 or None
     sizes:            (N_img, 2) float32 width, height, or None; ids: list of N_img str, or None
 
@@ -181,24 +185,42 @@ class PrecompSplit:
             if not c:
                 raise EmptyCaptionError(self.captions_file, i + 1)
 
-        # layout: 5 captions per image, or every image repeated 5 times (then unique image u is row 5u)
+        self.caption_map_file = self._path("cap2img.txt")
         n_rows, n_caps = len(self._features), len(captions)
-        if n_caps > 0 and n_caps == CAPTIONS_PER_IMAGE * n_rows:
-            self.repeated_images = False
-        elif n_caps > 0 and n_rows == n_caps and n_caps % CAPTIONS_PER_IMAGE == 0:
-            self.repeated_images = True
+        if os.path.isfile(self.caption_map_file):  # explicit caption -> image map, any number per image
+            self.repeated_images, self._row_stride = False, 1
+            c2i = read_caption_map(self.caption_map_file, n_caps, n_rows, self.captions_file, self.features_file)
+            if limit_captions is not None:
+                if limit_captions <= 0:
+                    raise ValueError(f"limit_captions must be positive, got {limit_captions}")
+                cut_inside = limit_captions < len(c2i) and c2i[limit_captions] in c2i[:limit_captions]
+                captions, c2i = captions[:limit_captions], c2i[:limit_captions]
+                n_img = int(c2i.max()) + 1
+                if cut_inside or len(np.unique(c2i)) != n_img:
+                    raise ValueError(f"limit_captions={limit_captions} does not keep whole images 0..{n_img - 1} "
+                                     f"of {self.caption_map_file}")
+                n_rows = n_img
+            self.captions: list[str] = captions
+            self.num_captions, self.num_images = len(captions), n_rows
+            self.caption_to_image = c2i
         else:
-            raise CaptionCountError(n_rows, n_caps, self.features_file, self.captions_file)
-        self._row_stride = CAPTIONS_PER_IMAGE if self.repeated_images else 1
+            # layout: 5 captions per image, or every image repeated 5 times (then unique image u is row 5u)
+            if n_caps > 0 and n_caps == CAPTIONS_PER_IMAGE * n_rows:
+                self.repeated_images = False
+            elif n_caps > 0 and n_rows == n_caps and n_caps % CAPTIONS_PER_IMAGE == 0:
+                self.repeated_images = True
+            else:
+                raise CaptionCountError(n_rows, n_caps, self.features_file, self.captions_file)
+            self._row_stride = CAPTIONS_PER_IMAGE if self.repeated_images else 1
 
-        if limit_captions is not None:
-            if limit_captions <= 0 or limit_captions % CAPTIONS_PER_IMAGE:
-                raise ValueError(f"limit_captions must be a positive multiple of 5, got {limit_captions}")
-            captions = captions[:limit_captions]
-        self.captions: list[str] = captions
-        self.num_captions = len(captions)
-        self.num_images = self.num_captions // CAPTIONS_PER_IMAGE
-        self.caption_to_image = np.arange(self.num_captions, dtype=np.int64) // CAPTIONS_PER_IMAGE
+            if limit_captions is not None:
+                if limit_captions <= 0 or limit_captions % CAPTIONS_PER_IMAGE:
+                    raise ValueError(f"limit_captions must be a positive multiple of 5, got {limit_captions}")
+                captions = captions[:limit_captions]
+            self.captions = captions
+            self.num_captions = len(captions)
+            self.num_images = self.num_captions // CAPTIONS_PER_IMAGE
+            self.caption_to_image = np.arange(self.num_captions, dtype=np.int64) // CAPTIONS_PER_IMAGE
 
         self.boxes_file = self._path("ims_bbx.npy")
         self._boxes: Optional[NpyRows] = None
@@ -313,6 +335,27 @@ class PrecompSplit:
             finite = np.isfinite(self.sizes).all(1)
             if not finite.all():
                 raise NonFiniteFeatureError(self.sizes_file, int(np.argmin(finite)), what="size")
+
+
+def read_caption_map(path: str, num_captions: int, num_images: int, captions_file: str = "",
+                     features_file: str = "") -> np.ndarray:
+    """SPLIT_cap2img.txt (one 0-based image index per line) -> (N_caps,) int64, checked: one line per caption,
+    every value in [0, N_img), every image with at least one caption. Raises `CaptionMapError` (file, line)."""
+    lines = _read_lines(path)
+    if len(lines) != num_captions:
+        raise CaptionMapError(path, None, f"has {len(lines)} lines but {captions_file} has {num_captions} captions")
+    out = np.empty(len(lines), dtype=np.int64)
+    for i, line in enumerate(lines):
+        if not line.isascii() or not line.isdigit() or int(line) >= num_images:
+            raise CaptionMapError(path, i + 1, f"{line[:40]!r} is not an image index in [0, {num_images}) "
+                                               f"({features_file} has {num_images} images)")
+        out[i] = int(line)
+    counts = np.bincount(out, minlength=num_images)
+    if (counts == 0).any():
+        missing = np.flatnonzero(counts == 0)
+        raise CaptionMapError(path, None, f"images without any caption: {missing[:5].tolist()} "
+                                          f"({len(missing)} of {num_images})")
+    return out
 
 
 def load_split(

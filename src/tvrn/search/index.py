@@ -41,7 +41,7 @@ from .store import FieldStore, FieldWriter, sha256_file
 
 FORMAT, VERSION = "tvrn-index", 1
 DIR_VERSION = 2  # the folder form
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".PNG", ".JPG", ".JPEG", ".WEBP")
 EXACT_CHUNK = 4096  # images / captions scored at a time by an exact (shortlist=None) query
 
 
@@ -134,14 +134,16 @@ class SearchIndex:
 
     def __init__(self, model, tokenizer, checkpoint: dict, enc_images, enc_texts, image_ids: list[str],
                  captions: list[str], caption_to_image: torch.Tensor, data_root: str = "", split: str = "",
-                 image_dir: Optional[str] = None, vectors: Optional[tuple] = None):
+                 image_dir: Optional[str] = None, vectors: Optional[tuple] = None, extract: Optional[dict] = None):
         """enc_images / enc_texts: encoded dataclasses (in RAM) or FieldStores (on disk); vectors: (image, text)
-        _Vectors when they are stored, else computed from the encodings."""
+        _Vectors when they are stored, else computed from the encodings; extract: how the gallery's features
+        were made (`tvrn.search.image_query.extract_record`), None when not by `tvrn extract`."""
         self.model, self.tokenizer, self.checkpoint = model.eval(), tokenizer, checkpoint
         self.images, self.texts = _Rows(enc_images), _Rows(enc_texts)
         self.image_ids, self.captions = list(image_ids), list(captions)
         self.caption_to_image = torch.as_tensor(caption_to_image).long()
         self.data_root, self.split, self.image_dir = data_root, split, image_dir
+        self.extract = extract
         if vectors is None:
             iv, tv = shortlist_embeddings(model, enc_images, enc_texts)  # (Ni, D), (Nt, D)
             vectors = (_Vectors(iv), _Vectors(tv))
@@ -207,6 +209,7 @@ class SearchIndex:
         gallery size), then open it. dtype: how encodings are stored (float32 / float16 / bfloat16);
         faiss: a FAISS factory string for the shortlist indexes ("Flat", "IVF1024,Flat", "HNSW32", ...)."""
         from ..data import iter_image_batches, iter_text_batches
+        from .image_query import extract_record
 
         model, tokenizer, slim = _load_model(checkpoint_path, device)
         data = load_split(data_root, split)
@@ -228,7 +231,8 @@ class SearchIndex:
                 if on_batch:
                     on_batch("captions", start)
         writer.finish(slim, _ids(data), list(data.captions), torch.as_tensor(data.caption_to_image),
-                      str(data_root), split, _image_dir(data_root, split, image_dir), faiss)
+                      str(data_root), split, _image_dir(data_root, split, image_dir), faiss,
+                      extract=extract_record(checkpoint_path, data_root, adjacency_threshold))
         return cls.load(out)
 
     def save(self, path: str | os.PathLike, dtype: str = "float32", faiss: Optional[str] = None) -> None:
@@ -239,7 +243,7 @@ class SearchIndex:
         for start, enc in self.texts.chunks():
             writer.add_texts(start, enc, self.model.shortlist_embed_text(enc).float())
         writer.finish(self.checkpoint, self.image_ids, self.captions, self.caption_to_image, self.data_root,
-                      self.split, self.image_dir, faiss)
+                      self.split, self.image_dir, faiss, extract=self.extract)
 
     def save_file(self, path: str | os.PathLike) -> None:
         """The single-file form (version 1): everything in one torch.save, loaded whole (small galleries)."""
@@ -316,7 +320,7 @@ class SearchIndex:
         ids = (path / "image_ids.txt").read_text().split("\n")[: man["counts"]["images"]]
         return cls(model, tokenizer, ckpt, images, texts, ids, captions,
                    torch.from_numpy(np.load(path / "caption_to_image.npy")), data_root=man["data_root"],
-                   split=man["split"], image_dir=man["image_dir"], vectors=tuple(vectors))
+                   split=man["split"], image_dir=man["image_dir"], vectors=tuple(vectors), extract=man.get("extract"))
 
     # ------------------------------------------------------------------ queries
     def encode_queries(self, queries: list[str]):
@@ -376,9 +380,20 @@ class SearchIndex:
         """Gallery image -> captions of the index (k Hits). shortlist: captions re-ranked (None: all, exact)."""
         if not isinstance(image, int) or not 0 <= image < self.num_images:
             raise SearchIndexError(f"image index must be an integer in [0, {self.num_images}), got {image!r}")
+        return self._rank_captions(self.images.get(torch.tensor([image])), self.image_vec.row(image), k, shortlist)
+
+    def search_image_file(self, file, k: int = 10, shortlist: Optional[int] = 500) -> list[Hit]:
+        """An image file (path, bytes or file object) -> captions of the index (k Hits): its region features
+        made with the gallery's recorded extraction recipe (`tvrn.search.image_query`), then ranked as a gallery
+        image. Raises SearchIndexError when the gallery or the model's features were not made that way."""
+        from .image_query import encode_image_file
+
+        img = encode_image_file(self, file)
+        return self._rank_captions(img, self.model.shortlist_embed_image(img).float(), k, shortlist)
+
+    def _rank_captions(self, img, iv: torch.Tensor, k: int, shortlist: Optional[int]) -> list[Hit]:
+        """One encoded image, its shortlist vector iv (1, D) -> k caption Hits."""
         k, m = self._check_k(k, shortlist, self.num_captions)
-        iv = self.image_vec.row(image)  # (1, D)
-        img = self.images.get(torch.tensor([image]))
         if m < self.num_captions:
             cand = self.text_vec.top(iv, m)[0][0]
             cand = cand[cand >= 0]
@@ -399,7 +414,7 @@ class SearchIndex:
         return [self.captions[c] for c in torch.nonzero(self.caption_to_image == image).reshape(-1).tolist()]
 
     def image_path(self, image: int) -> Optional[Path]:
-        """The image file of gallery image `image` (image_dir/<id>.png|.jpg|.jpeg), or None."""
+        """The image file of gallery image `image` (image_dir/<id> + one of IMAGE_SUFFIXES), or None."""
         if self.image_dir is None or not 0 <= image < self.num_images:
             return None
         for suffix in IMAGE_SUFFIXES:
@@ -435,6 +450,13 @@ def _ids(data) -> list[str]:
 def _image_dir(data_root, split, image_dir) -> Optional[str]:
     if image_dir is None and (Path(data_root) / "images" / split).is_dir():
         image_dir = Path(data_root) / "images" / split
+    if image_dir is None:  # a `tvrn extract` data folder records the photo folder of each split
+        try:
+            image_dir = json.loads((Path(data_root) / "manifest.json").read_text())["splits"][split].get("image_dir")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            image_dir = None
+        if image_dir is not None and not Path(image_dir).is_dir():
+            image_dir = None
     return None if image_dir is None else str(Path(image_dir).resolve())
 
 
@@ -476,7 +498,7 @@ class _IndexWriter:
         self._vectors("text", start, vectors)
 
     def finish(self, checkpoint: dict, image_ids, captions, caption_to_image, data_root, split, image_dir,
-               faiss_spec: Optional[str]) -> None:
+               faiss_spec: Optional[str], extract: Optional[dict] = None) -> None:
         for side in ("image", "text"):
             self.vec[side].flush()
         meta_i, meta_t = self.images.close(), self.texts.close()
@@ -499,7 +521,8 @@ class _IndexWriter:
         files = {str(p.relative_to(self.tmp)): sha256_file(p) for p in sorted(self.tmp.rglob("*")) if p.is_file()}
         man = {"format": FORMAT, "version": DIR_VERSION, "counts": {"images": len(image_ids), "captions": len(captions)},
                "dtype": self.dtype, "faiss": faiss_spec, "data_root": data_root, "split": split,
-               "image_dir": image_dir, "fields": {"images": meta_i, "texts": meta_t}, "files": files}
+               "image_dir": image_dir, "fields": {"images": meta_i, "texts": meta_t}, "files": files,
+               "extract": extract}
         (self.tmp / "manifest.json").write_text(json.dumps(man, indent=1))
         if self.out.exists():  # replace: move the old one aside first, so a reader sees one or the other
             old = self.out.parent / f".{self.out.name}.old"

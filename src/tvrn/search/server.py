@@ -8,6 +8,8 @@ Endpoints (GET or HEAD; JSON answers; every error, whatever its status, method o
     /api/search?q=TEXT&k=10&shortlist=100 text -> images (shortlist=0: exact, every image scored)
     /api/image/N?k=10&shortlist=500       gallery image N -> captions (its own captions marked relevant)
     /images/N                             the image file of gallery image N
+    POST /api/query-image?k=10&shortlist=500  body: an image file -> captions (indexes of `tvrn extract` data;
+                                          refused with 409 when the gallery or the model has another recipe)
 
 Model calls run in a bounded pool (`workers` threads, `queue` waiting); when it is full a search gets 503 with
 Retry-After at once instead of piling up. The page, /api/info and image files never touch the pool, so they
@@ -112,7 +114,7 @@ def create_app(index: SearchIndex, token: Optional[str] = None, workers: int = 1
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # unknown paths (404), wrong methods (405), ...
         message = {404: f"no such path {request.url.path[:200]!r}",
-                   405: f"method {request.method} is not allowed here (GET or HEAD)"}.get(exc.status_code, str(exc.detail))
+                   405: f"method {request.method} is not allowed here (GET or HEAD; POST on /api/query-image)"}.get(exc.status_code, str(exc.detail))
         return _error(exc.status_code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -173,6 +175,18 @@ def create_app(index: SearchIndex, token: Optional[str] = None, workers: int = 1
     async def image(raw: str, k: Optional[str] = None, shortlist: Optional[str] = None):
         parse_index(raw, index.num_images, "gallery image")
         return await pool.run(lambda: service.image(raw, k, shortlist))
+
+    @app.post("/api/query-image")
+    async def query_image(request: Request, k: Optional[str] = None, shortlist: Optional[str] = None):
+        declared = request.headers.get("content-length")
+        if declared and declared.isascii() and declared.isdigit() and int(declared) > limits.max_upload_bytes:
+            raise ServiceError(413, f"image of {declared} bytes, at most {limits.max_upload_bytes}")
+        body = bytearray()
+        async for chunk in request.stream():  # bounded read: stop at the limit
+            body += chunk
+            if len(body) > limits.max_upload_bytes:
+                raise ServiceError(413, f"image above {limits.max_upload_bytes} bytes")
+        return await pool.run(lambda: service.image_file(bytes(body), k, shortlist))
 
     @get("/images/{raw}")
     async def image_file(raw: str):

@@ -37,6 +37,7 @@ class Limits:
     default_k: int = 10
     default_text_shortlist: int = 100  # images re-ranked for a text query (0: all)
     default_image_shortlist: int = 500  # captions re-ranked for an image query (0: all)
+    max_upload_bytes: int = 20 << 20  # an uploaded image query above this: 413
 
 
 def _int(raw: Optional[str], name: str, default: int, minimum: int) -> int:
@@ -65,7 +66,11 @@ class SearchService:
         self.index, self.limits = index, limits
 
     def info(self) -> dict:
-        return {**self.index.info(), "limits": self.limits.__dict__}
+        from .image_query import image_query_problem
+
+        problem = image_query_problem(self.index)
+        return {**self.index.info(), "limits": self.limits.__dict__, "image_file_queries": problem is None,
+                **({"image_file_queries_refused": problem} if problem else {})}
 
     def _clamp(self, k: int, shortlist: int, n: int, notes: dict) -> tuple[int, Optional[int]]:
         if k > n:
@@ -120,6 +125,32 @@ class SearchService:
         out = {"image": image, "image_id": self.index.image_ids[image], "k": k_, "shortlist": s_ or 0,
                "image_url": self._url(image), "captions": self.index.captions_of(image),
                "hits": [dict(self._hit(h, captions=False), relevant=h.image_index == image) for h in hits],
+               "seconds": time.perf_counter() - t0}
+        if notes:
+            out["clamped"] = notes
+        return out
+
+    def image_file(self, data: bytes, k: Optional[str] = None, shortlist: Optional[str] = None) -> dict:
+        """An uploaded image (the request body) -> captions: {"hits", "k", "shortlist", "seconds"}. 400 when it is
+        not an image, 409 when the index cannot take image files (its gallery or model features were not made
+        by `tvrn extract` with one recipe), 413 above max_upload_bytes."""
+        from .image_query import image_query_problem
+
+        if len(data) > self.limits.max_upload_bytes:
+            raise ServiceError(413, f"image of {len(data)} bytes, at most {self.limits.max_upload_bytes}")
+        if not data:
+            raise ServiceError(400, "the request body (the image file) is empty")
+        problem = image_query_problem(self.index)
+        if problem:
+            raise ServiceError(409, f"image file queries refused: {problem}")
+        lim, notes, t0 = self.limits, {}, time.perf_counter()
+        k_, s_ = self._clamp(_int(k, "k", lim.default_k, 1),
+                             _int(shortlist, "shortlist", lim.default_image_shortlist, 0), self.index.num_captions, notes)
+        try:
+            hits = self.index.search_image_file(bytes(data), k=k_, shortlist=s_)
+        except SearchIndexError as e:
+            raise ServiceError(400, str(e)) from None
+        out = {"k": k_, "shortlist": s_ or 0, "hits": [self._hit(h, captions=False) for h in hits],
                "seconds": time.perf_counter() - t0}
         if notes:
             out["clamped"] = notes

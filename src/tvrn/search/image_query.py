@@ -1,0 +1,136 @@
+"""Image files as queries: a photo that is not in the gallery, extracted with the gallery's recorded recipe.
+
+An index built (`tvrn index`) from a data folder made by `tvrn extract` records in its manifest how those
+features were made (`extract_record`): the data folder's extractor (backbone, weights sha256, region recipe,
+input size, R), the extractor of the data the model was trained on (the data.root of the checkpoint's config
+or of the run.json beside it, when that folder has a manifest), and the adjacency threshold the gallery was encoded with. `encode_image_file`
+makes a query image's features the same way, so it is comparable with the gallery, and refuses when:
+
+- the gallery's features were not made by `tvrn extract` (bottom-up features, the synthetic benchmark):
+  nothing here can make features like those from a photo;
+- the model was trained on features of another recipe than the gallery's (or not made by `tvrn extract`);
+- the backbone's weights file here is not the one recorded (another sha256).
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .index import SearchIndexError
+
+MAX_IMAGE_PIXELS = 64_000_000  # larger decoded images are refused (a decompression bomb guard)
+_EXTRACTORS: dict = {}  # (recipe, device) -> RegionExtractor, built once per process
+
+
+def _manifest_extractor(root) -> Optional[dict]:
+    from ..extract.folder import read_manifest
+
+    try:
+        man = read_manifest(root) if root and Path(root).is_dir() else None
+    except Exception:  # an unreadable manifest: treated as unknown
+        return None
+    return None if man is None else man["extractor"]
+
+
+def extract_record(checkpoint_path, data_root, adjacency_threshold: float) -> Optional[dict]:
+    """What an index records about its gallery's features, or None when they were not made by `tvrn extract`."""
+    gallery = _manifest_extractor(data_root)
+    if gallery is None:
+        return None
+    train_root = _training_root(checkpoint_path)
+    return {"gallery": gallery, "model_data": _manifest_extractor(train_root), "model_data_root": train_root, "adjacency_threshold": float(adjacency_threshold)}
+
+
+def _training_root(checkpoint_path) -> Optional[str]:
+    """The data folder a checkpoint was trained on: its config's data.root, else the run.json that training
+    writes beside its checkpoints (RUN/run.json for RUN/best.pt), else None."""
+    import json
+
+    from ..train.checkpoint import load_checkpoint
+
+    try:
+        root = ((load_checkpoint(checkpoint_path).get("config") or {}).get("data") or {}).get("root")
+    except Exception:
+        root = None
+    run = Path(checkpoint_path).parent / "run.json"
+    if root is None and run.is_file():
+        try:
+            root = (json.loads(run.read_text()).get("data") or {}).get("root")
+        except (OSError, ValueError):
+            root = None
+    return root
+
+
+def image_query_problem(index) -> Optional[str]:
+    """Why this index cannot take image files as queries, or None when it can."""
+    from ..extract import same_recipe
+    from ..extract.features import recipe_difference
+
+    rec = getattr(index, "extract", None)
+    if not rec:
+        return ("this index's gallery features were not made by `tvrn extract` (no extraction recipe recorded), so "
+                "a photo's features would not be comparable; build the index from a data folder made by "
+                "`tvrn extract` to query with image files")
+    if rec.get("model_data") is None:
+        return (f"the model was trained on data without a `tvrn extract` manifest ({rec.get('model_data_root')!r}), "
+                f"so it has not learned features made from photos this way; train it on extracted features")
+    if not same_recipe(rec["gallery"], rec["model_data"]):
+        return ("the model was trained on features of another extraction recipe than the gallery's ("
+                + "; ".join(recipe_difference(rec["model_data"], rec["gallery"])) + ")")
+    return None
+
+
+def _extractor(record: dict):
+    from ..extract import Recipe, RegionExtractor
+
+    recipe = Recipe(**{k: (tuple(v) if k == "grid" else v) for k, v in record["recipe"].items()})
+    key = repr(recipe)
+    if key not in _EXTRACTORS:
+        ex = RegionExtractor(recipe)
+        want = record["backbone"]["weights_sha256"]
+        if ex.backbone.weights_sha256 != want:
+            raise SearchIndexError(f"the backbone weights here ({ex.backbone.weights}, sha256 "
+                                   f"{ex.backbone.weights_sha256[:12]}...) are not the ones the gallery was "
+                                   f"extracted with (sha256 {want[:12]}...)")
+        _EXTRACTORS[key] = ex
+    return _EXTRACTORS[key]
+
+
+def read_query_image(file) -> np.ndarray:
+    """A path, bytes or a binary file object -> (H, W, 3) uint8 RGB; SearchIndexError if it is not an image."""
+    from PIL import Image
+
+    from ..extract import ImageReadError, read_rgb
+
+    src = io.BytesIO(file) if isinstance(file, (bytes, bytearray)) else file
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2  # PIL raises above twice this
+    try:
+        return read_rgb(src)
+    except (ImageReadError, Image.DecompressionBombError) as e:
+        name = file if isinstance(file, (str, os.PathLike)) else "the uploaded file"
+        raise SearchIndexError(f"cannot read {name} as an image: {getattr(e, 'problem', e)}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def encode_image_file(index, file):
+    """An image file -> the model's EncodedImages of one image, features made with the gallery's recipe.
+    Raises SearchIndexError (see the module doc) when the index cannot take image files."""
+    from ..data import collate_images
+
+    problem = image_query_problem(index)
+    if problem:
+        raise SearchIndexError(f"image file queries refused: {problem}")
+    rec = index.extract
+    ex = _extractor(rec["gallery"])
+    rgb = read_query_image(file)
+    feats, boxes, _ = ex.extract(rgb)  # (R, Dv), (R, 4) pixels
+    batch = collate_images(feats[None], boxes[None], [0], rec["adjacency_threshold"])
+    with torch.no_grad():
+        return index.model.encode_image(batch)
