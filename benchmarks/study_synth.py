@@ -161,7 +161,11 @@ def done_runs(path: Path) -> set:
 def run_grid(a) -> None:
     out = Path(a.out)
     # seed-major: after each round of seeds every configuration has as many runs as the others
-    todo = [(s, n, seed) for seed in a.seeds for s in a.suite for n in SUITES[s] if (s, n, seed) not in done_runs(out)]
+    unknown = sorted(set(a.configs or []) - {n for s in a.suite for n in SUITES[s]})
+    if unknown:
+        raise SystemExit(f"unknown configurations for suites {a.suite}: {unknown}")
+    order = lambda s: [n for n in a.configs if n in SUITES[s]] if a.configs else list(SUITES[s])  # noqa: E731
+    todo = [(s, n, seed) for seed in a.seeds for s in a.suite for n in order(s) if (s, n, seed) not in done_runs(out)]
     for merged in sorted({"@merged" in SUITES[s][n] for s, n, _ in todo}):  # before two jobs race to write them
         ensure_data(Path(a.data), merged)
     if any("@partners" in SUITES[s][n] for s, n, _ in todo):
@@ -269,6 +273,8 @@ def main():
     ap.add_argument("--data", default="data/synth")
     ap.add_argument("--runs", default="runs/study")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "study_synth.jsonl"))
+    ap.add_argument("--configs", nargs="*", default=None,
+                    help="only these configurations, in this order within each seed (default: all, as listed)")
     ap.add_argument("--summary", action="store_true", help="print the tables and write the plot from --out")
     ap.add_argument("--one", nargs=3, metavar=("SUITE", "CONFIG", "SEED"), help=argparse.SUPPRESS)
     a = ap.parse_args()
