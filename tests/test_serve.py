@@ -231,6 +231,22 @@ def test_non_loopback_host_warns(setup, monkeypatch, capsys):  # noqa: F811
     assert "WARNING" not in capsys.readouterr().err
 
 
+def test_model_threads_run_below_the_event_loop_priority():
+    """Linux schedules threads: the pool's thread gets nice + 5, the calling thread keeps its own."""
+    import asyncio
+    import threading
+
+    from tvrn.search.server import ModelPool
+
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    pool = ModelPool(workers=1, queue=0, nice=5)
+    try:
+        seen = asyncio.run(pool.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    finally:
+        pool.shutdown()
+    assert seen == min(19, own + 5) and os.getpriority(os.PRIO_PROCESS, 0) == own
+
+
 def test_serve_threads_option(setup, monkeypatch, capsys):  # noqa: F811
     import tvrn.search.server as srv
 

@@ -70,6 +70,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for model calls (default: CPU cores - 1, so the event loop that answers "
                         "the page, /api/info, image files and 503s always has a core)")
+    p.add_argument("--model-nice", type=int, default=10,
+                   help="nice value added to the model threads, so cheap requests win the CPU (default %(default)s)")
     p.set_defaults(func=run_serve)
 
 
@@ -164,7 +166,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         serve(index, args.host, args.port, quiet=args.quiet, token=token, workers=args.workers, queue=args.queue,
-              header_timeout=args.header_timeout, ready=ready, threads=args.threads)
+              header_timeout=args.header_timeout, ready=ready, threads=args.threads,
+              model_nice=args.model_nice)
     except SystemExit as e:  # uvicorn exits when it cannot bind
         if e.code:
             print(f"tvrn serve: cannot listen on {args.host}:{args.port}", file=sys.stderr)

@@ -28,6 +28,7 @@ import hmac
 import ipaddress
 import json
 import mimetypes
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -68,11 +69,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's nice value (Linux schedules threads, so only the model thread yields the CPU)."""
+    if nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        except OSError:
+            pass
+
+
 class ModelPool:
     """At most `workers` model calls at a time and `queue` waiting; beyond that ServiceError(503)."""
 
-    def __init__(self, workers: int = 1, queue: int = 8):
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tvrn-model")
+    def __init__(self, workers: int = 1, queue: int = 8, nice: int = 0):
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tvrn-model",
+                                           initializer=_lower_priority, initargs=(nice,))
         self.capacity, self.pending = workers + queue, 0
 
     async def run(self, fn: Callable[[], dict]) -> dict:
@@ -94,13 +105,14 @@ def _error(status: int, message: str, headers: Optional[dict] = None):
 
 
 def create_app(index: SearchIndex, token: Optional[str] = None, workers: int = 1, queue: int = 8,
-               limits: Limits = Limits()):
-    """The ASGI app for `index` (see the module doc). app.state.pool is the model pool."""
+               limits: Limits = Limits(), model_nice: int = 10):
+    """The ASGI app for `index` (see the module doc). app.state.pool is the model pool; its threads run
+    `model_nice` steps below the event loop's priority (cheap requests first when the CPU is short)."""
     _require()
     from contextlib import asynccontextmanager
 
     service = SearchService(index, limits)
-    pool = ModelPool(workers, queue)
+    pool = ModelPool(workers, queue, model_nice)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -286,7 +298,8 @@ class ServerThread:
 
 def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
           token: Optional[str] = None, workers: int = 1, queue: int = 8, header_timeout: float = 10.0,
-          ready: Optional[Callable[[str], None]] = None, threads: Optional[int] = None) -> None:
+          ready: Optional[Callable[[str], None]] = None, threads: Optional[int] = None,
+          model_nice: int = 10) -> None:
     """Serve until interrupted. ready(url) is called once the socket listens. Model calls get `threads` torch
     threads (default: CPU cores - 1, so the event loop answering cheap requests and 503s keeps a core)."""
     import os
@@ -295,7 +308,8 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, quiet: 
     import uvicorn
 
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
-    server = uvicorn.Server(make_config(create_app(index, token, workers, queue), host, port, quiet, header_timeout))
+    app = create_app(index, token, workers, queue, model_nice=model_nice)
+    server = uvicorn.Server(make_config(app, host, port, quiet, header_timeout))
     if ready is not None:
         original = server.startup
 
