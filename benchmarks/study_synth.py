@@ -206,8 +206,9 @@ def mean_sd(xs) -> str:
     if not xs:
         return ""
     m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
-    return f"{m:.1f} ± {sd:.1f}"
+    if len(xs) == 1:
+        return f"{m:.1f}"
+    return f"{m:.1f} ± {math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)):.1f}"
 
 
 def summary_tables(rows: list[dict]) -> str:
