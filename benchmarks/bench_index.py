@@ -41,9 +41,11 @@ WIDTH = dict(img_dim=256, embed_size=64, sim_dim=32, word_dim=64, vocab_size=60)
 R = 12
 
 
-def rss() -> int:
+def rss(field: str = "VmRSS") -> int:
+    """This process's resident bytes (VmRSS; RssAnon: heap and tensors only; RssFile: mapped file pages, which
+    the kernel can drop: the memory-mapped index shows up there)."""
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -86,9 +88,9 @@ import json, resource, statistics, sys, time
 import torch
 torch.set_num_threads(2)
 from tvrn.search.index import SearchIndex
-def rss():
+def rss(field="VmRSS"):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 before = rss()
 t = time.perf_counter()
@@ -103,6 +105,7 @@ for q in range(int(sys.argv[2])):
     lat.append(time.perf_counter() - t)
 lat.sort()
 print(json.dumps({"rss_before": before, "rss_open": opened, "rss_after": rss(), "open_s": open_s,
+                  "rss_anon_after": rss("RssAnon"), "rss_file_after": rss("RssFile"),
                   "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
@@ -128,6 +131,7 @@ def part_a(a, root: Path) -> list:
         r = {"dtype": dtype, "images": a.images, "captions": a.captions, **build(out, ckpt, model, a.images, a.captions, dtype)}
         r["build_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         r["build_peak_rss_before"] = peak0
+        r["build_rss_anon_end"], r["build_rss_file_end"] = rss("RssAnon"), rss("RssFile")
         for verify in (1, 0):
             proc = subprocess.run([sys.executable, "-c", SERVE, str(out), str(a.queries), str(verify)],
                                   capture_output=True, text=True, check=True)
