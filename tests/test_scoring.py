@@ -204,3 +204,55 @@ def test_captions_with_inner_padding_are_not_cut():
         ref = model._score_plain(ei, et)
     assert _prefix_lengths(et) is None and _prefix_lengths(replace(et, mask=et.mask & False)) is None
     torch.testing.assert_close(score_all(model, ei, et, memory_budget_mb=0.01), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tvrn_sgr", "scan_t2i", "vse"])
+def test_shards_of_the_plan_sum_to_the_single_process_matrix_bit_for_bit(name):
+    """score_all(shard=(r, w)): every work unit of the whole gallery's plan is scored by exactly one rank, with the
+    single-process block shapes, so the zero-padded shards sum to the single-process matrix exactly, for any w
+    (also w larger than the number of units: idle ranks give zeros)."""
+    from test_models import build, make_images, make_texts
+    from tvrn.scoring import block_plan, plan_units, shard_units
+
+    model = build(name)
+    with torch.no_grad():
+        ei = model.encode_image(make_images(9))
+        et = model.encode_text(make_texts(model, 14, lengths=(7, 2, 5, 3, 7, 4, 2)))
+    budget = model.pair_bytes(ei[:1], et[:1]) * 10 / 2**20  # about 10 pairs per block: many units
+    kw = dict(memory_budget_mb=budget, block_texts=4)
+    full = score_all(model, ei, et, **kw)
+    _, plan = block_plan(model, ei, et, block_texts=4, memory_budget_mb=budget)
+    units = plan_units(plan, 9)
+    assert len(units) >= 6
+    covered = torch.zeros(9, 14, dtype=torch.long)  # the units tile the matrix once (columns in visiting order)
+    for e, i0, i1 in units:
+        covered[i0:i1, plan[e][0]:plan[e][1]] += 1
+    assert bool((covered == 1).all())
+    for world in (1, 2, 3, len(units) + 2):
+        shares = [shard_units(units, plan, r, world) for r in range(world)]
+        assert [u for s in shares for u in s] == units  # contiguous runs, in order, each unit once
+        shards = [score_all(model, ei, et, shard=(r, world), **kw) for r in range(world)]
+        total = torch.stack(shards).sum(0)
+        assert torch.equal(total, full), (world, float((total - full).abs().max()))
+        for r, (s, share) in enumerate(zip(shards, shares)):  # a rank writes its own units and nothing else
+            mine = torch.zeros(9, 14, dtype=torch.bool)
+            for e, i0, i1 in share:
+                p0, p1, _, _ = plan[e]
+                mine[i0:i1, p0:p1] = True
+            order, _ = block_plan(model, ei, et, block_texts=4, memory_budget_mb=budget)
+            if order is not None:  # visiting positions -> gallery columns
+                mine = torch.zeros_like(mine).index_copy_(1, order, mine)
+            assert bool((s[~mine] == 0).all()) and torch.equal(s[mine], full[mine])
+        if world <= 3:  # fewer ranks than units: nobody idles
+            assert all(shares)
+
+
+def test_shard_units_balances_cost_and_rejects_bad_ranks():
+    from tvrn.scoring import plan_units, shard_units
+
+    plan = [(0, 4, 2, 5), (4, 8, 8, 5)]  # 4 two-word and 4 eight-word captions, chunks of 5 of 10 images
+    units = plan_units(plan, 10)
+    assert units == [(0, 0, 5), (0, 5, 10), (1, 0, 5), (1, 5, 10)]
+    assert shard_units(units, plan, 0, 2) == units[:3] and shard_units(units, plan, 1, 2) == units[3:]  # 40 / 160 / 160
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        shard_units(units, plan, 2, 2)

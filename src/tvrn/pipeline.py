@@ -21,7 +21,7 @@ from .evaluation import ensemble, evaluate, evaluate_protocol, load_scores
 from .models import BertTokenizer, create_model, glove_vectors
 from .scoring import encode_images, encode_texts, score_all
 from .train.checkpoint import load_checkpoint
-from .train.distributed import all_gather_rows, dist_info, init_distributed, rank_rows
+from .train.distributed import all_reduce_sum_, dist_info, init_distributed
 from .train.trainer import TrainConfig, Trainer, resume_conflicts, seed_everything
 
 DEFAULT_DATA = {
@@ -97,21 +97,17 @@ def score_split(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, de
     """All-pairs scores of a split -> (N_img, N_caps) float32 on the CPU, through the one scorer.
     encoded: (enc_i, enc_t) from `encode_split` if already computed.
 
-    Under torch.distributed (world > 1, no `encoded`) the images are split across the ranks: each rank encodes
-    its share of the images and every caption, scores its rows with the same scorer, and every rank gets the
-    assembled matrix (collective: every rank must call it). A pair's score does not depend on the other items
-    of its block (DESIGN 6), so the matrix is the single-process one (tests/test_distributed.py)."""
+    Under torch.distributed (world > 1) the work is split across the ranks: each rank encodes the split (or takes
+    `encoded`), scores its share of the scorer's block plan (`score_all(shard=...)`: contiguous, cost-balanced
+    (caption block, image chunk) units of the whole gallery's plan), and the zero-padded shards are summed, so
+    every rank gets the single-process matrix bit for bit (collective: every rank must call it;
+    tests/test_distributed.py)."""
     info = dist_info()
     kw = dict(block_images=int(data.get("block_images", 128)), block_texts=int(data.get("block_texts", 512)),
               device=device, progress=progress and info.is_main)
-    if encoded is None and info.enabled:
-        bs, thr = int(data.get("eval_batch_size", 128)), float(data.get("adjacency_threshold", 0.2))
-        rows = rank_rows(split.num_images, info)
-        enc_i = encode_images(model, iter_image_batches(split, bs, adjacency_threshold=thr, images=rows),
-                              device=device, progress=kw["progress"])
-        enc_t = encode_texts(model, iter_text_batches(split, tokenizer, bs), device=device, progress=kw["progress"])
-        return all_gather_rows(score_all(model, enc_i, enc_t, **kw), split.num_images)
-    enc_i, enc_t = encoded or encode_split(model, split, tokenizer, data, device=device, progress=progress)
+    enc_i, enc_t = encoded or encode_split(model, split, tokenizer, data, device=device, progress=kw["progress"])
+    if info.enabled:
+        return all_reduce_sum_(score_all(model, enc_i, enc_t, shard=(info.rank, info.world_size), **kw))
     return score_all(model, enc_i, enc_t, **kw)
 
 

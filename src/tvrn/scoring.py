@@ -293,6 +293,28 @@ def block_plan(
     return order, plan
 
 
+def plan_units(plan: Sequence[tuple[int, int, Optional[int], int]], ni: int) -> list[tuple[int, int, int]]:
+    """score_all's work units, in the order it scores them -> [(entry, i0, i1)]: caption block `plan[entry]`
+    against images i0:i1 (chunks of that entry's Bi)."""
+    return [(e, i0, min(i0 + bi, ni)) for e, (_, _, _, bi) in enumerate(plan) for i0 in range(0, ni, bi)]
+
+
+def shard_units(units: Sequence[tuple[int, int, int]], plan: Sequence[tuple[int, int, Optional[int], int]],
+                rank: int, world: int) -> list[tuple[int, int, int]]:
+    """Rank `rank`'s share of `units` (of `plan_units`): a contiguous run, balanced by cost (pairs x caption
+    words), so every unit belongs to exactly one of the `world` ranks."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    cost = [(i1 - i0) * (plan[e][1] - plan[e][0]) * (plan[e][2] or 1) for e, i0, i1 in units]
+    total, acc, mine = sum(cost), 0, []
+    for unit, c in zip(units, cost):
+        owner = min(world - 1, int((acc + c / 2) * world // total)) if total else 0  # by the unit's midpoint
+        acc += c
+        if owner == rank:
+            mine.append(unit)
+    return mine
+
+
 def score_all(
     model: nn.Module,
     enc_images: Any,
@@ -305,6 +327,7 @@ def score_all(
     autocast_dtype: Optional[torch.dtype] = None,
     progress: bool = False,
     out_dtype: torch.dtype = torch.float32,
+    shard: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Score every image against every caption -> (Ni, Nt) `out_dtype` (float32) on `out_device` (default CPU).
 
@@ -312,45 +335,55 @@ def score_all(
     Blocks of Bi x Bt pairs (see plan_blocks) are moved to `device` (default: the model's device), scored with
     model.score under no_grad in eval mode, optionally under autocast(autocast_dtype), and written into the
     preallocated output. Loops run over blocks only, never over single images or captions.
+
+    shard=(rank, world): score only this rank's share of the work units (`shard_units`: a contiguous,
+    cost-balanced run of (caption block, image chunk) pairs of the whole gallery's plan); every other entry of
+    the returned matrix is 0. Each unit is the very block a single process scores, with the same shapes, so the
+    sum of the `world` shards is the single-process matrix bit for bit (pipeline.score_split under torchrun).
     """
     device = torch.device(device) if device is not None else _model_device(model)
     ni, nt = len(enc_images), len(enc_texts)
-    out = torch.empty((ni, nt), dtype=out_dtype, device=out_device)
+    out = (torch.empty if shard is None else torch.zeros)((ni, nt), dtype=out_dtype, device=out_device)
     if ni == 0 or nt == 0:
         return out
     order, plan = block_plan(model, enc_images, enc_texts, block_images, block_texts, memory_budget_mb)
+    units = plan_units(plan, ni)
+    if shard is not None:
+        units = shard_units(units, plan, *shard)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(-(-ni // b) for *_, b in plan), desc="scoring", unit="block", file=sys.stderr)
+        bar = tqdm(total=len(units), desc="scoring", unit="block", file=sys.stderr)
     try:
         with torch.no_grad(), _eval_mode(model), _autocast(device, autocast_dtype):
             # captions outer: a block of captions is gathered (length order) and moved once, then scored against
-            # every chunk of images (slices of the encodings: views, no copies)
-            for p0, p1, n, bi_block in plan:
-                cols = order[p0:p1] if order is not None else None  # (Bt,) gallery columns
-                src = enc_texts if n is None else enc_texts.trim(n)  # trim: views of the gallery's encodings
-                txts = src[p0:p1] if cols is None else src[cols]  # Bt captions (a gather copies them)
-                if n is not None and cols is None and callable(getattr(txts, "contiguous", None)):
-                    txts = txts.contiguous()
-                txts = txts.to(device)
-                out_cols = None if cols is None else cols.to(out.device)
-                for i0 in range(0, ni, bi_block):
-                    imgs = enc_images[i0 : i0 + bi_block].to(device)  # Bi images
-                    block = model.score(imgs, txts)  # (Bi, Bt)
-                    if block.shape != (len(imgs), len(txts)):
-                        raise ValueError(
-                            f"model.score returned {tuple(block.shape)} for {len(imgs)} images x {len(txts)} captions"
-                        )
-                    if out_cols is None:
-                        out[i0 : i0 + bi_block, p0:p1] = block.to(out.device, out.dtype)
-                    else:
-                        out[i0 : i0 + bi_block].index_copy_(1, out_cols, block.to(out.device, out.dtype))
-                    del imgs, block
-                    if bar is not None:
-                        bar.update(1)
-                del txts  # free this block's captions before the next block gathers its own
+            # every chunk of images of its units (slices of the encodings: views, no copies)
+            entry, txts, out_cols = None, None, None
+            for e, i0, i1 in units:
+                p0, p1, n, _ = plan[e]
+                if e != entry:
+                    entry, txts = e, None  # free the last block's captions before gathering this one's
+                    cols = order[p0:p1] if order is not None else None  # (Bt,) gallery columns
+                    src = enc_texts if n is None else enc_texts.trim(n)  # trim: views of the gallery's encodings
+                    txts = src[p0:p1] if cols is None else src[cols]  # Bt captions (a gather copies them)
+                    if n is not None and cols is None and callable(getattr(txts, "contiguous", None)):
+                        txts = txts.contiguous()
+                    txts = txts.to(device)
+                    out_cols = None if cols is None else cols.to(out.device)
+                imgs = enc_images[i0:i1].to(device)  # Bi images
+                block = model.score(imgs, txts)  # (Bi, Bt)
+                if block.shape != (len(imgs), len(txts)):
+                    raise ValueError(
+                        f"model.score returned {tuple(block.shape)} for {len(imgs)} images x {len(txts)} captions"
+                    )
+                if out_cols is None:
+                    out[i0:i1, p0:p1] = block.to(out.device, out.dtype)
+                else:
+                    out[i0:i1].index_copy_(1, out_cols, block.to(out.device, out.dtype))
+                del imgs, block
+                if bar is not None:
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from tvrn.pipeline import evaluate_checkpoints
     from tvrn.train import cleanup_distributed, init_distributed
 
-    info = init_distributed()  # under torchrun the images are split across the ranks; rank 0 reports
+    info = init_distributed()  # under torchrun the scoring work is split across the ranks; rank 0 reports
     if info.enabled and args.two_stage:
         print("tvrn eval: --two-stage runs in one process (not under torchrun)", file=sys.stderr)
         return 2
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if not info.is_main:
         return 0
     if info.enabled:
-        print(f"tvrn eval: scored on {info.world_size} ranks (images split across them)")
+        print(f"tvrn eval: scored on {info.world_size} ranks (the block plan split across them)")
     what = "ensemble of " + ", ".join(args.inputs) if len(args.inputs) > 1 else args.inputs[0]
     print(f"tvrn eval: {what} on {args.data} {args.split}, protocol {args.protocol}")
     print(format_metrics(result))

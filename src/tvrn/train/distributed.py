@@ -134,20 +134,21 @@ def gather_encoded(enc):
     return dataclasses.replace(enc, **out), offset
 
 
-def rank_rows(n: int, info: Optional[DistInfo] = None) -> range:
-    """The contiguous share of n rows (gallery images) of this rank: rank r of w takes rows r*n//w ... ."""
-    info = info or dist_info()
-    return range(info.rank * n // info.world_size, (info.rank + 1) * n // info.world_size)
+def all_reduce_sum_(t: torch.Tensor, slab_mb: float = 64.0) -> torch.Tensor:
+    """Sum `t` over the ranks in place, on every rank (identity when not distributed); -> t.
 
-
-def all_gather_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
-    """Every rank's `rows` (its `rank_rows(n)` share, (n_r, C)) assembled in rank order -> (n, C) on every rank."""
+    Used to assemble shards that are zero outside their own entries, where the sum is exact (x + 0 = x). NCCL
+    reduces only CUDA tensors: a CPU tensor then travels through the current CUDA device in slabs of `slab_mb`,
+    so the extra device memory is one slab, not the matrix."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
-    world = dist.get_world_size()
-    size = -(-n // world) + 1  # the largest share, padded to it
-    padded = rows.new_zeros(size, rows.shape[1])
-    padded[: rows.shape[0]] = rows
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([parts[r][: len(rank_rows(n, DistInfo(r, world, 0)))] for r in range(world)], 0)
+        return t
+    flat = t.view(-1)
+    if dist.get_backend() != "nccl" or t.is_cuda:
+        dist.all_reduce(flat)
+        return t
+    step = max(1, int(slab_mb * 2**20) // t.element_size())
+    for a in range(0, flat.numel(), step):
+        slab = flat[a : a + step].cuda()
+        dist.all_reduce(slab)
+        flat[a : a + step].copy_(slab)
+    return t
