@@ -152,18 +152,15 @@ def test_distributed_eval_equals_one_process(tmp_path):
     from tvrn.data import Vocabulary
     from tvrn.data.synth import SynthConfig, write_dataset
     from tvrn.models import create_model
-    from tvrn.train.checkpoint import atomic_save
+    from tvrn.train.checkpoint import save_model
 
     data = tmp_path / "synth"
     write_dataset(data, SynthConfig(seed=6, train_images=4, dev_images=2, test_images=7, render_images=False))
     vocab = Vocabulary.load(data / "vocab.json")
     torch.manual_seed(0)
     model = create_model("tvrn_sgr", img_dim=256, embed_size=16, sim_dim=8, word_dim=8, vocab_size=len(vocab))
-    from dataclasses import asdict
-
     ckpt = tmp_path / "m.pt"
-    atomic_save({"config": {"model_name": "tvrn_sgr", "model": asdict(model.config)}, "model": model.state_dict(),
-                 "vocab": vocab.to_json_dict()}, ckpt)
+    save_model(ckpt, "tvrn_sgr", model, vocab)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"  # the same threads per process on both sides: CPU reductions split by thread
     eval_args = ["-m", "tvrn.cli", "eval", str(ckpt), "--data", str(data), "--no-progress", "--save-scores"]

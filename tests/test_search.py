@@ -1,6 +1,5 @@
 """Search index, `tvrn index | search | serve`, HTTP API and web page, on a tiny rendered synthetic split."""
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from tvrn.data.synth import SynthConfig, write_dataset
 from tvrn.models import create_model
 from tvrn.scoring import score_all
 from tvrn.search import SearchIndex, SearchIndexError
-from tvrn.train.checkpoint import atomic_save
+from tvrn.train.checkpoint import save_model
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +23,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     model = create_model("tvrn_sgr", img_dim=32, embed_size=16, sim_dim=8, word_dim=8, vocab_size=len(vocab))
     ckpt = root / "model.pt"
-    atomic_save({"config": {"model_name": "tvrn_sgr", "model": asdict(model.config)}, "model": model.state_dict(),
-                 "vocab": vocab.to_json_dict()}, ckpt)
+    save_model(ckpt, "tvrn_sgr", model, vocab)
     index = SearchIndex.build(ckpt, data, "test")
     path = root / "test.index"
     index.save(path)
@@ -152,6 +150,72 @@ def test_folder_index_reads_rows_from_disk_and_equals_ram(setup):
                [h.to_dict() for h in index.search_image(4, k=7, shortlist=shortlist and 20)]
     rows = disk.images.get(torch.tensor([7, 2, 9]))  # any order of rows, as asked
     torch.testing.assert_close(rows.units, index.enc_images.units[[7, 2, 9]])
+
+
+def test_npy_rows_read_and_write_by_position_and_equal_numpy(tmp_path):
+    """NpyRowWriter / NpyRows: a .npy that numpy reads back the same; rows by slice, int and any index array
+    (unsorted, repeated, negative); no memory map of the file is left in the process; errors name the file."""
+    import numpy as np
+
+    from tvrn.search.store import NpyRows, NpyRowWriter
+
+    g = np.random.default_rng(0)
+    data = g.standard_normal((50, 3, 4)).astype(np.float16)
+    w = NpyRowWriter(tmp_path / "a.npy", data.shape, np.float16)
+    for start in (40, 0, 17, 5):  # any order of batches: each lands at its rows
+        stop = {40: 50, 0: 5, 17: 40, 5: 17}[start]
+        w.write(start, data[start:stop])
+    with pytest.raises(ValueError, match=r"a\.npy: rows 48\.\.52 outside 0\.\.50"):
+        w.write(48, data[:4])
+    with pytest.raises(ValueError, match="do not fit"):
+        w.write(0, data[:2].astype(np.float32))
+    w.close()
+    assert np.array_equal(np.load(tmp_path / "a.npy"), data)
+    rows = NpyRows(tmp_path / "a.npy")
+    assert rows.shape == data.shape and len(rows) == 50
+    idx = np.array([31, 2, 2, 49, 30, 0, -1, 32])
+    assert np.array_equal(rows[idx], data[idx]) and np.array_equal(rows[10:23], data[10:23])
+    assert np.array_equal(rows[7], data[7]) and np.array_equal(np.asarray(rows), data)
+    assert rows[45:99].shape == (5, 3, 4) and rows[np.array([], dtype=np.int64)].shape == (0, 3, 4)
+    maps = open("/proc/self/maps").read()
+    assert str(tmp_path / "a.npy") not in maps  # read with pread: nothing of the file stays mapped
+    with pytest.raises(IndexError, match="out of range"):
+        rows[np.array([3, 50])]
+    (tmp_path / "b.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"b\.npy: truncated"):
+        NpyRows(tmp_path / "b.npy")
+
+
+def test_folder_index_keeps_ids_and_captions_on_disk_and_older_folders_open(setup, tmp_path):
+    """Version 3 folders read ids, captions and each image's captions from disk (StringRows / NpyRows: nothing
+    per item in RAM), with the answers of the in-RAM index; a version-2 folder (ids and captions loaded whole)
+    still opens; strings with a newline are refused when writing."""
+    import json as _json
+
+    from tvrn.search.store import StringRows, write_strings
+
+    index = setup[4]
+    disk = SearchIndex.load(setup[3])
+    assert isinstance(disk.image_ids, StringRows) and isinstance(disk.captions, StringRows)
+    assert list(disk.image_ids) == index.image_ids and list(disk.captions) == index.captions
+    assert disk.captions[-1] == index.captions[-1] and disk.captions[3:6] == index.captions[3:6]
+    for image in range(index.num_images):
+        assert disk.captions_of(image) == index.captions_of(image)
+    assert disk.image_ids.index(index.image_ids[7]) == 7
+    # a version-2 folder: the same files without the offsets and the by-image table
+    old = tmp_path / "v2"
+    index.save(old)
+    man = _json.loads((old / "manifest.json").read_text())
+    man["version"] = 2
+    for f in ("image_ids.offsets.npy", "captions.offsets.npy", "image_captions.npy", "image_captions.offsets.npy"):
+        (old / f).unlink()
+        del man["files"][f]
+    (old / "manifest.json").write_text(_json.dumps(man))
+    v2 = SearchIndex.load(old)
+    assert isinstance(v2.captions, list) and v2.captions == index.captions
+    assert [h.to_dict() for h in v2.search_image(2, k=5)] == [h.to_dict() for h in disk.search_image(2, k=5)]
+    with pytest.raises(ValueError, match="string 1 contains a newline"):
+        write_strings(tmp_path / "s.txt", tmp_path / "s.npy", ["fine", "two\nlines"])
 
 
 def test_streaming_build_equals_build_then_save(setup, tmp_path):

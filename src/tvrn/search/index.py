@@ -37,10 +37,10 @@ from ..data import collate_texts, load_split
 from ..scoring import encode_texts, score_all
 from ..train.checkpoint import atomic_save
 from .shortlist import shortlist_embeddings, topk_exact
-from .store import FieldStore, FieldWriter, sha256_file
+from .store import FieldStore, FieldWriter, NpyRows, NpyRowWriter, StringRows, sha256_file, write_strings
 
 FORMAT, VERSION = "tvrn-index", 1
-DIR_VERSION = 2  # the folder form
+DIR_VERSION = 3  # the folder form (2: ids and captions loaded into RAM; 3: read from disk when asked)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".PNG", ".JPG", ".JPEG", ".WEBP")
 EXACT_CHUNK = 4096  # images / captions scored at a time by an exact (shortlist=None) query
 
@@ -134,16 +134,22 @@ class SearchIndex:
 
     def __init__(self, model, tokenizer, checkpoint: dict, enc_images, enc_texts, image_ids: list[str],
                  captions: list[str], caption_to_image: torch.Tensor, data_root: str = "", split: str = "",
-                 image_dir: Optional[str] = None, vectors: Optional[tuple] = None, extract: Optional[dict] = None):
+                 image_dir: Optional[str] = None, vectors: Optional[tuple] = None, extract: Optional[dict] = None,
+                 image_captions: Optional[tuple] = None):
         """enc_images / enc_texts: encoded dataclasses (in RAM) or FieldStores (on disk); vectors: (image, text)
         _Vectors when they are stored, else computed from the encodings; extract: how the gallery's features
         were made (`tvrn.search.image_query.extract_record`), None when not by `tvrn extract`."""
         self.model, self.tokenizer, self.checkpoint = model.eval(), tokenizer, checkpoint
         self.images, self.texts = _Rows(enc_images), _Rows(enc_texts)
-        self.image_ids, self.captions = list(image_ids), list(captions)
-        self.caption_to_image = torch.as_tensor(caption_to_image).long()
+        on_disk = isinstance(image_ids, StringRows)  # a version-3 folder: ids, captions and their tables on disk
+        self.image_ids = image_ids if on_disk else list(image_ids)
+        self.captions = captions if isinstance(captions, StringRows) else list(captions)
+        self.caption_to_image = caption_to_image if isinstance(caption_to_image, NpyRows) else \
+            torch.as_tensor(caption_to_image).long()
+        self._image_captions = image_captions  # (captions grouped by image, (Ni + 1,) offsets) on disk, or None
         self.data_root, self.split, self.image_dir = data_root, split, image_dir
         self.extract = extract
+        self.source: Optional[dict] = None  # {"path", "nprobe"} when opened by `load`: how a worker reopens it
         if vectors is None:
             iv, tv = shortlist_embeddings(model, enc_images, enc_texts)  # (Ni, D), (Nt, D)
             vectors = (_Vectors(iv), _Vectors(tv))
@@ -248,8 +254,9 @@ class SearchIndex:
     def save_file(self, path: str | os.PathLike) -> None:
         """The single-file form (version 1): everything in one torch.save, loaded whole (small galleries)."""
         atomic_save({"format": FORMAT, "version": VERSION, "model": self.checkpoint, "data_root": self.data_root,
-                     "split": self.split, "image_dir": self.image_dir, "image_ids": self.image_ids,
-                     "captions": self.captions, "caption_to_image": self.caption_to_image,
+                     "split": self.split, "image_dir": self.image_dir, "image_ids": list(self.image_ids),
+                     "captions": list(self.captions),
+                     "caption_to_image": torch.as_tensor(np.asarray(self.caption_to_image)).long(),
                      "enc_images": _fields(self.images.get(torch.arange(self.num_images))),
                      "enc_texts": _fields(self.texts.get(torch.arange(self.num_captions)))}, path)
 
@@ -257,9 +264,9 @@ class SearchIndex:
     def load(cls, path: str | os.PathLike, verify: bool = True, nprobe: Optional[int] = None) -> "SearchIndex":
         """Open an index folder (checking every file's sha256 unless verify=False) or a version-1 file.
         nprobe: FAISS search breadth of an IVF / HNSW shortlist (more: slower, closer to exact)."""
-        if Path(path).is_dir():
-            return cls._load_dir(Path(path), verify, nprobe)
-        return cls._load_file(path)
+        index = cls._load_dir(Path(path), verify, nprobe) if Path(path).is_dir() else cls._load_file(path)
+        index.source = {"path": str(Path(path).resolve()), "nprobe": nprobe}
+        return index
 
     @classmethod
     def _load_file(cls, path) -> "SearchIndex":
@@ -291,8 +298,8 @@ class SearchIndex:
             man = json.loads((path / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SearchIndexError(f"{path}: not a tvrn index folder (manifest.json: {e})") from None
-        if man.get("format") != FORMAT or man.get("version") != DIR_VERSION:
-            raise SearchIndexError(f"{path}: manifest.json is not a tvrn index version {DIR_VERSION}")
+        if man.get("format") != FORMAT or man.get("version") not in (2, DIR_VERSION):
+            raise SearchIndexError(f"{path}: manifest.json is not a tvrn index version 2 or {DIR_VERSION}")
         if verify:
             for rel, digest in man["files"].items():
                 f = path / rel
@@ -306,7 +313,7 @@ class SearchIndex:
         texts = FieldStore(path / "texts", man["fields"]["texts"], EncodedTexts)
         vectors = []
         for side in ("image", "text"):
-            vec = np.load(path / f"{side}_vectors.npy", mmap_mode="r")
+            vec = NpyRows(path / f"{side}_vectors.npy")
             index = None
             if man.get("faiss"):
                 import faiss
@@ -316,11 +323,22 @@ class SearchIndex:
                     faiss.ParameterSpace().set_index_parameter(index, "nprobe" if "IVF" in man["faiss"] else "efSearch",
                                                                 nprobe)
             vectors.append(_Vectors(vec, index))
-        captions = (path / "captions.txt").read_text().split("\n")[: man["counts"]["captions"]]
-        ids = (path / "image_ids.txt").read_text().split("\n")[: man["counts"]["images"]]
-        return cls(model, tokenizer, ckpt, images, texts, ids, captions,
-                   torch.from_numpy(np.load(path / "caption_to_image.npy")), data_root=man["data_root"],
-                   split=man["split"], image_dir=man["image_dir"], vectors=tuple(vectors), extract=man.get("extract"))
+        if man["version"] == 2:  # ids and captions into RAM
+            captions = (path / "captions.txt").read_text().split("\n")[: man["counts"]["captions"]]
+            ids = (path / "image_ids.txt").read_text().split("\n")[: man["counts"]["images"]]
+            c2i, by_image = torch.from_numpy(np.load(path / "caption_to_image.npy")), None
+        else:  # read from disk when asked
+            ids = StringRows(path / "image_ids.txt", path / "image_ids.offsets.npy")
+            captions = StringRows(path / "captions.txt", path / "captions.offsets.npy")
+            c2i = NpyRows(path / "caption_to_image.npy")
+            by_image = (NpyRows(path / "image_captions.npy"), NpyRows(path / "image_captions.offsets.npy"))
+            if (len(ids), len(captions), len(c2i)) != (man["counts"]["images"], man["counts"]["captions"],
+                                                        man["counts"]["captions"]):
+                raise SearchIndexError(f"{path}: image_ids / captions / caption_to_image do not match the counts of "
+                                       f"manifest.json")
+        return cls(model, tokenizer, ckpt, images, texts, ids, captions, c2i, data_root=man["data_root"],
+                   split=man["split"], image_dir=man["image_dir"], vectors=tuple(vectors), extract=man.get("extract"),
+                   image_captions=by_image)
 
     # ------------------------------------------------------------------ queries
     def encode_queries(self, queries: list[str]):
@@ -410,8 +428,16 @@ class SearchIndex:
         return hits
 
     # ------------------------------------------------------------------ for the web page
+    def caption_indices_of(self, image: int) -> list[int]:
+        """The gallery captions of image `image`, in gallery order."""
+        if self._image_captions is not None:
+            order, offsets = self._image_captions
+            a, b = (int(x) for x in offsets[image : image + 2])
+            return [int(c) for c in order[a:b]]
+        return torch.nonzero(self.caption_to_image == image).reshape(-1).tolist()
+
     def captions_of(self, image: int) -> list[str]:
-        return [self.captions[c] for c in torch.nonzero(self.caption_to_image == image).reshape(-1).tolist()]
+        return [self.captions[c] for c in self.caption_indices_of(image)]
 
     def image_path(self, image: int) -> Optional[Path]:
         """The image file of gallery image `image` (image_dir/<id> + one of IMAGE_SUFFIXES), or None."""
@@ -460,6 +486,16 @@ def _image_dir(data_root, split, image_dir) -> Optional[str]:
     return None if image_dir is None else str(Path(image_dir).resolve())
 
 
+def _ivf_lists(index) -> int:
+    """The number of inverted lists of a FAISS IVF index (0 for other kinds)."""
+    import faiss
+
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return 0
+
+
 class _IndexWriter:
     """Writes an index folder into a temporary folder beside `out`, renamed into place by finish()."""
 
@@ -478,9 +514,8 @@ class _IndexWriter:
 
     def _vectors(self, side: str, start: int, v: torch.Tensor) -> None:
         if self.vec[side] is None:
-            self.vec[side] = np.lib.format.open_memmap(self.tmp / f"{side}_vectors.npy", mode="w+", dtype=np.float32,
-                                                       shape=(self.sizes[side], v.shape[1]))
-        self.vec[side][start:start + v.shape[0]] = v.cpu().numpy()
+            self.vec[side] = NpyRowWriter(self.tmp / f"{side}_vectors.npy", (self.sizes[side], v.shape[1]), np.float32)
+        self.vec[side].write(start, v.detach().cpu().float().numpy())
 
     def add_images(self, start: int, enc, vectors: torch.Tensor) -> None:
         self.images.write(start, enc)
@@ -500,26 +535,34 @@ class _IndexWriter:
     def finish(self, checkpoint: dict, image_ids, captions, caption_to_image, data_root, split, image_dir,
                faiss_spec: Optional[str], extract: Optional[dict] = None) -> None:
         for side in ("image", "text"):
-            self.vec[side].flush()
+            self.vec[side].close()
         meta_i, meta_t = self.images.close(), self.texts.close()
         if faiss_spec:
             import faiss
 
             for side in ("image", "text"):
-                vec = np.load(self.tmp / f"{side}_vectors.npy", mmap_mode="r")
+                vec = NpyRows(self.tmp / f"{side}_vectors.npy")
                 index = faiss.index_factory(vec.shape[1], faiss_spec, faiss.METRIC_INNER_PRODUCT)
-                if not index.is_trained:  # IVF / PQ: train on a sample of the vectors
-                    step = max(1, vec.shape[0] // 100_000)
-                    index.train(np.ascontiguousarray(vec[::step], dtype=np.float32))
+                if not index.is_trained:  # IVF / PQ: train on a sample, 64 vectors per list (FAISS asks 39+)
+                    step = max(1, vec.shape[0] // max(100_000, 64 * _ivf_lists(index)))
+                    index.train(np.ascontiguousarray(vec[np.arange(0, vec.shape[0], step)], dtype=np.float32))
                 for s0 in range(0, vec.shape[0], 65536):
                     index.add(np.ascontiguousarray(vec[s0:s0 + 65536], dtype=np.float32))
                 faiss.write_index(index, str(self.tmp / f"{side}.faiss"))
         torch.save(checkpoint, self.tmp / "model.pt")
-        (self.tmp / "captions.txt").write_text("\n".join(captions))
-        (self.tmp / "image_ids.txt").write_text("\n".join(image_ids))
-        np.save(self.tmp / "caption_to_image.npy", torch.as_tensor(caption_to_image).long().numpy())
+        n_ids = write_strings(self.tmp / "image_ids.txt", self.tmp / "image_ids.offsets.npy", image_ids)
+        n_caps = write_strings(self.tmp / "captions.txt", self.tmp / "captions.offsets.npy", captions)
+        c2i = np.asarray(caption_to_image, dtype=np.int64).reshape(-1)
+        if (n_ids, n_caps, len(c2i)) != (self.sizes["image"], self.sizes["text"], self.sizes["text"]):
+            raise ValueError(f"{n_ids} image ids, {n_caps} captions and {len(c2i)} caption images for an index of "
+                             f"{self.sizes['image']} images and {self.sizes['text']} captions")
+        if len(c2i) and (c2i.min() < 0 or c2i.max() >= n_ids):
+            raise ValueError(f"caption_to_image has an image outside 0..{n_ids - 1}")
+        np.save(self.tmp / "caption_to_image.npy", c2i)
+        np.save(self.tmp / "image_captions.npy", np.argsort(c2i, kind="stable"))  # captions grouped by image
+        np.save(self.tmp / "image_captions.offsets.npy", np.r_[0, np.cumsum(np.bincount(c2i, minlength=n_ids))])
         files = {str(p.relative_to(self.tmp)): sha256_file(p) for p in sorted(self.tmp.rglob("*")) if p.is_file()}
-        man = {"format": FORMAT, "version": DIR_VERSION, "counts": {"images": len(image_ids), "captions": len(captions)},
+        man = {"format": FORMAT, "version": DIR_VERSION, "counts": {"images": n_ids, "captions": n_caps},
                "dtype": self.dtype, "faiss": faiss_spec, "data_root": data_root, "split": split,
                "image_dir": image_dir, "fields": {"images": meta_i, "texts": meta_t}, "files": files,
                "extract": extract}

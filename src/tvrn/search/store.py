@@ -1,7 +1,10 @@
 """Encodings on disk: one `.npy` file per field, memory-mapped and read by row, written by streaming.
 
 A search index over a large gallery keeps its per-image and per-caption encodings here instead of in RAM: a
-query reads the rows of its shortlisted candidates only (the operating system pages in what is touched). Fields
+query reads the rows of its shortlisted candidates only. Rows are read and written with positional reads and
+writes (`NpyRows`, `NpyRowWriter`: pread / pwrite at the row's offset), not through a memory map, so neither a
+build nor a long-running server accumulates mapped file pages in its resident memory: a process holds the rows
+it is working on and nothing else (the kernel's page cache still speeds up repeated reads, outside the process). Fields
 are stored as float32, float16 or bfloat16 (numpy has no bfloat16: its 16 bits are stored as uint16 and
 reinterpreted on reading); masks as bool. Every file's sha256 goes into the index manifest and is checked when
 the index is opened, so a corrupted file is refused by name.
@@ -37,6 +40,184 @@ def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
             h.update(block)
 
 
+def _npy_header(path: Path) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, data offset) of a C-order `.npy` file, from its header only."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"{path}: unsupported .npy version {version}")
+        shape, fortran, dtype = read(f)
+        if fortran:
+            raise ValueError(f"{path}: a Fortran-order array; the index stores rows in C order")
+        return tuple(shape), dtype, f.tell()
+
+
+class NpyRows:
+    """Read-only rows of a `.npy` file, read on demand with pread (thread-safe; no memory map, so rows read
+    are not left resident in the process). Indexed like the array for what the index needs: `rows[a:b]`,
+    `rows[int]`, `rows[idx]` with a 1-D integer array (any order, repeats allowed) -> a new ndarray."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.shape, self.dtype, self.offset = _npy_header(self.path)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.fd = os.open(self.path, os.O_RDONLY)
+        need = self.offset + self.shape[0] * self.row_bytes
+        have = os.fstat(self.fd).st_size
+        if have < need:
+            os.close(self.fd)
+            raise ValueError(f"{self.path}: truncated ({have} bytes, the header needs {need})")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __del__(self):
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _read(self, start: int, out: np.ndarray) -> None:
+        view, pos = memoryview(out.reshape(-1).view(np.uint8)), self.offset + start * self.row_bytes
+        while len(view):
+            n = os.preadv(self.fd, [view], pos)
+            if n <= 0:
+                raise ValueError(f"{self.path}: unexpected end of file at byte {pos}")
+            view, pos = view[n:], pos + n
+
+    def __getitem__(self, key) -> np.ndarray:
+        n = self.shape[0]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                raise IndexError("NpyRows: slices with a step are not supported")
+            out = np.empty((max(0, stop - start), *self.shape[1:]), self.dtype)
+            if len(out):
+                self._read(start, out)
+            return out
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + n if key < 0 else int(key)
+            if not 0 <= i < n:
+                raise IndexError(f"row {key} out of range for {n} rows of {self.path}")
+            return self[i : i + 1][0]
+        idx = np.asarray(key)
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise IndexError(f"NpyRows: index with a slice, an int or a 1-D integer array, got {idx.dtype} {idx.shape}")
+        idx = np.where(idx < 0, idx + n, idx)
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"rows out of range for {n} rows of {self.path}")
+        uniq, inverse = np.unique(idx, return_inverse=True)  # sorted: read in file order, runs in one call
+        out = np.empty((len(uniq), *self.shape[1:]), self.dtype)
+        cuts = np.flatnonzero(np.diff(uniq) != 1) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(uniq)]):
+            if b > a:
+                self._read(int(uniq[a]), out[a:b])
+        return out[inverse.reshape(-1)]
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[0 : self.shape[0]]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+class NpyRowWriter:
+    """A preallocated `.npy` file of `shape`, filled by rows with pwrite (no memory map: a streaming build's
+    resident memory is the batch it writes, whatever the file's size). Rows never written read as zeros."""
+
+    def __init__(self, path: str | os.PathLike, shape: tuple, dtype):
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+        with open(self.path, "wb") as f:  # header, then the data area sized (sparse) to the whole array
+            np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                     "fortran_order": False, "shape": self.shape})
+            self.offset = f.tell()
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        os.truncate(self.path, self.offset + self.shape[0] * self.row_bytes)
+        self.fd = os.open(self.path, os.O_WRONLY)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """rows (B, *shape[1:]) of `dtype` -> file rows start .. start + B."""
+        if rows.shape[1:] != self.shape[1:] or rows.dtype != self.dtype:
+            raise ValueError(f"{self.path}: rows {rows.dtype} {rows.shape[1:]} do not fit {self.dtype} {self.shape[1:]}")
+        if start < 0 or start + rows.shape[0] > self.shape[0]:
+            raise ValueError(f"{self.path}: rows {start}..{start + rows.shape[0]} outside 0..{self.shape[0]}")
+        view = memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+        pos = self.offset + start * self.row_bytes
+        while len(view):
+            n = os.pwrite(self.fd, view, pos)
+            view, pos = view[n:], pos + n
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+
+class StringRows:
+    """N strings kept on disk: a UTF-8 text file with one string per line, and the (N + 1,) int64 byte offsets of
+    the lines in an `.npy` beside it (`write_strings`). A string is read by pread when asked, so a gallery's ids
+    and captions take no memory however many there are. Sequence-like: len, [i], [a:b] (a list), iteration,
+    index(value)."""
+
+    def __init__(self, txt: str | os.PathLike, offsets: str | os.PathLike):
+        self.path = Path(txt)
+        self.offsets = NpyRows(offsets)
+        self.n = len(self.offsets) - 1
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def __del__(self):
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self[i] for i in range(*key.indices(self.n))]
+        i = int(key) + self.n if key < 0 else int(key)
+        if not 0 <= i < self.n:
+            raise IndexError(f"string {key} out of range for {self.n} strings of {self.path}")
+        a, b = (int(x) for x in self.offsets[i : i + 2])
+        data = os.pread(self.fd, b - a, a)
+        if len(data) != b - a:
+            raise ValueError(f"{self.path}: truncated at string {i} (bytes {a}..{b})")
+        return data[:-1].decode("utf-8")  # without its newline
+
+    def __iter__(self):
+        with open(self.path, "rb") as f:  # binary: split on b"\n" only, as written
+            for _, line in zip(range(self.n), f):
+                yield line[:-1].decode("utf-8")
+
+    def index(self, value: str) -> int:
+        for i, v in enumerate(self):
+            if v == value:
+                return i
+        raise ValueError(f"{value!r} is not in {self.path}")
+
+
+def write_strings(txt: str | os.PathLike, offsets: str | os.PathLike, strings) -> int:
+    """Write `strings` one per line to `txt` (UTF-8) and their byte offsets to `offsets` -> the count. A string
+    with a newline is refused: the text file stays one string per line for any other reader."""
+    pos, offs = 0, [0]
+    with open(txt, "wb") as f:
+        for i, s in enumerate(strings):
+            if "\n" in s:
+                raise ValueError(f"{txt}: string {i} contains a newline: {s[:60]!r}")
+            data = s.encode("utf-8") + b"\n"
+            f.write(data)
+            pos += len(data)
+            offs.append(pos)
+    np.save(offsets, np.asarray(offs, dtype=np.int64))
+    return len(offs) - 1
+
+
 def _to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
     t = t.detach().cpu()
     if t.dtype == torch.bool:
@@ -47,7 +228,7 @@ def _to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def _from_storage(a: np.ndarray, stored: str) -> torch.Tensor:
-    t = torch.from_numpy(np.array(a))  # a copy: rows read from the (read-only) memory map
+    t = torch.from_numpy(np.require(a, requirements=["C", "W"]))  # NpyRows gives fresh, writable rows: no copy
     if stored == "bool":
         return t
     if stored == "bfloat16":
@@ -68,18 +249,17 @@ class FieldWriter:
         self.folder, self.n, self.dtype = Path(folder), n, dtype
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_shape = max_shape or {}
-        self.arrays: dict[str, np.memmap] = {}
+        self.arrays: dict[str, NpyRowWriter] = {}
         self.meta: dict[str, dict] = {}
         self.absent: set[str] = set()
 
-    def _open(self, name: str, t: torch.Tensor) -> np.memmap:
+    def _open(self, name: str, t: torch.Tensor) -> NpyRowWriter:
         shape = (self.n, *self.max_shape.get(name, tuple(t.shape[1:])))
         stored = "bool" if t.dtype == torch.bool else self.dtype
         np_dtype = {"bool": np.bool_, "float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[stored]
         file = f"{name}.npy"
-        arr = np.lib.format.open_memmap(self.folder / file, mode="w+", dtype=np_dtype, shape=shape)
         self.meta[name] = {"file": file, "shape": list(shape), "stored": stored}
-        return arr
+        return NpyRowWriter(self.folder / file, shape, np_dtype)
 
     def write(self, start: int, enc: Any) -> None:
         for f in dataclasses.fields(enc):
@@ -94,16 +274,15 @@ class FieldWriter:
             if a.shape[1:] != arr.shape[1:]:  # a shorter word axis: pad
                 if any(x > y for x, y in zip(a.shape[1:], arr.shape[1:])):
                     raise ValueError(f"field {f.name}: rows {a.shape[1:]} exceed the allocated {arr.shape[1:]}")
-                arr[start:start + a.shape[0]] = 0
-                arr[(slice(start, start + a.shape[0]), *(slice(0, k) for k in a.shape[1:]))] = a
-            else:
-                arr[start:start + a.shape[0]] = a
+                padded = np.zeros((a.shape[0], *arr.shape[1:]), a.dtype)
+                padded[(slice(None), *(slice(0, k) for k in a.shape[1:]))] = a
+                a = padded
+            arr.write(start, a)
 
     def close(self) -> dict[str, dict]:
         """Flush the files -> their metadata (with sha256 of each file)."""
-        for name, arr in self.arrays.items():
-            arr.flush()
-            del arr
+        for arr in self.arrays.values():
+            arr.close()
         self.arrays.clear()
         for name, m in self.meta.items():
             m["sha256"] = sha256_file(self.folder / m["file"])
@@ -115,7 +294,7 @@ class FieldStore:
 
     def __init__(self, folder: str | os.PathLike, meta: dict[str, dict], cls):
         self.folder, self.meta, self.cls = Path(folder), meta, cls
-        self.arrays = {name: np.load(self.folder / m["file"], mmap_mode="r") for name, m in meta.items()}
+        self.arrays = {name: NpyRows(self.folder / m["file"]) for name, m in meta.items()}
         self.n = next(iter(self.arrays.values())).shape[0] if self.arrays else 0
 
     def __len__(self) -> int:
@@ -123,14 +302,8 @@ class FieldStore:
 
     def get(self, idx) -> Any:
         idx = np.asarray(torch.as_tensor(idx).long().cpu())
-        order = np.argsort(idx, kind="stable")  # read pages in file order, give rows in the asked order
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        fields = {}
-        for name, arr in self.arrays.items():
-            rows = arr[idx[order]][inverse]
-            fields[name] = _from_storage(rows, self.meta[name]["stored"])
-        return self.cls(**fields)
+        return self.cls(**{name: _from_storage(arr[idx], self.meta[name]["stored"])  # NpyRows: file order reads
+                           for name, arr in self.arrays.items()})
 
     def slice(self, start: int, stop: int) -> Any:
         return self.cls(**{name: _from_storage(arr[start:stop], self.meta[name]["stored"])

@@ -52,6 +52,18 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def save_model(path: str | os.PathLike, model_name: str, model, vocab=None) -> None:
+    """A checkpoint of weights only (no optimiser or schedule), which `tvrn eval`, `tvrn index` and
+    `load_model_from_checkpoint` read like a trained one: a model built elsewhere, converted or untrained
+    (tests, benchmarks). vocab: a tvrn.data.Vocabulary for GRU text encoders."""
+    from dataclasses import asdict
+
+    obj = {"config": {"model_name": model_name, "model": asdict(model.config)}, "model": model.state_dict()}
+    if vocab is not None:
+        obj["vocab"] = vocab.to_json_dict()
+    atomic_save(obj, path)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """torch.load(path, weights_only=True): plain tensors, dicts, lists and numbers only. A checkpoint written
     with a "model_sha256" is refused when its weights no longer match it."""
