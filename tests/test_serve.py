@@ -23,8 +23,8 @@ from tvrn.cli import main  # noqa: E402
 from tvrn.search.server import ServerThread, create_app, is_loopback  # noqa: E402
 
 
-def request(base, path, method="GET", headers=None, timeout=30):
-    req = urllib.request.Request(base + path, method=method, headers=headers or {})
+def request(base, path, method="GET", headers=None, timeout=30, data=None):
+    req = urllib.request.Request(base + path, method=method, headers=headers or {}, data=data)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, dict(r.headers), r.read()
@@ -45,10 +45,14 @@ def raw(base, data: bytes, timeout=5.0) -> bytes:
             out += chunk
 
 
-@pytest.fixture(scope="module")
-def server(setup):  # noqa: F811
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def server(setup, request):  # noqa: F811
+    """The server on both of uvicorn's HTTP parsers (httptools: the default when installed; h11: the fallback),
+    each with tvrn's header timeout, head bound and JSON 400s."""
+    if request.param == "httptools":
+        pytest.importorskip("httptools", reason="the serve extra's httptools is not installed")
     index = setup[4]
-    with ServerThread(create_app(index), header_timeout=1.0, keepalive_timeout=1.0) as base:
+    with ServerThread(create_app(index), header_timeout=1.0, keepalive_timeout=1.0, http=request.param) as base:
         yield base, index
 
 
@@ -151,6 +155,24 @@ def test_request_head_above_16_kb_gets_json_400(server):
     assert out.startswith(b"HTTP/1.1 400") and b"at most 16384" in out
 
 
+def test_a_large_request_body_is_not_taken_for_a_large_head(server):
+    """A 40 KB upload (in one piece and in pieces) reaches the route: the head bound counts head bytes only."""
+    base = server[0]
+    status, _, body = request(base, "/api/query-image", method="POST", data=b"x" * 40_000)
+    assert status == 409 and "tvrn extract" in json.loads(body)["error"]  # this index takes no image files
+    head = b"POST /api/query-image HTTP/1.1\r\nHost: x\r\nContent-Length: 40000\r\nConnection: close\r\n\r\n"
+    host, port = base.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(head)
+        for _ in range(8):
+            s.sendall(b"x" * 5000)
+            time.sleep(0.02)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 409"), out[:200]
+
+
 def test_unknown_words_are_listed_and_a_query_of_none_gets_no_hits(server):
     base, _ = server
     res = json.loads(request(base, "/api/search?q=zebra+giraffe")[2])
@@ -238,21 +260,117 @@ def test_model_threads_run_below_the_event_loop_priority():
 
     from tvrn.search.server import ModelPool
 
+    class Probe:
+        def nice(self):
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
     own = os.getpriority(os.PRIO_PROCESS, 0)
-    pool = ModelPool(workers=1, queue=0, nice=5)
+    pool = ModelPool(Probe(), workers=1, queue=0, nice=5)
     try:
-        seen = asyncio.run(pool.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        seen = asyncio.run(pool.run("nice"))
     finally:
         pool.shutdown()
     assert seen == min(19, own + 5) and os.getpriority(os.PRIO_PROCESS, 0) == own
+
+
+def test_worker_processes_answer_as_threads_do_and_a_dead_worker_is_replaced(setup):  # noqa: F811
+    """The process pool (tvrn serve's default): each worker opens the index itself and runs below the server's
+    priority; answers equal the thread pool's to the byte (scores and all), a refusal raised in a worker arrives
+    as its JSON error; a worker killed with SIGKILL costs its request a 503 with Retry-After, and the next
+    request is answered by a new worker."""
+    import signal
+
+    from tvrn.search import SearchIndex
+
+    index = SearchIndex.load(setup[3])
+    queries = ["/api/search?q=a+black+cat&k=5&shortlist=8", "/api/image/3?k=6", "/api/search?q=zebra+giraffe"]
+
+    def answers(base):
+        out = []
+        for q in queries:
+            status, _, body = request(base, q)
+            body = json.loads(body)
+            body.pop("seconds", None)
+            out.append((status, body))
+        return out
+
+    with ServerThread(create_app(index)) as base:
+        want = answers(base)
+    app = create_app(index, processes=True, model_nice=3)
+    with ServerThread(app) as base:
+        pool = app.state.pool
+        pids = asyncio_run(pool.start())
+        assert pool.processes and pids and os.getpid() not in pids
+        assert os.getpriority(os.PRIO_PROCESS, pids[0]) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 3)
+        assert answers(base) == want
+        status, _, body = request(base, "/api/search?q=a+cat&k=-1")  # ServiceError from the worker
+        assert status == 400 and "at least 1" in json.loads(body)["error"]
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.time() + 10
+        while time.time() < deadline:  # the pool notices the death on its next call
+            status, headers, body = request(base, queries[0])
+            if status != 200:
+                break
+            time.sleep(0.1)
+        assert status == 503 and headers["retry-after"] == "1" and "restarted" in json.loads(body)["error"]
+        assert answers(base) == want  # a fresh worker answers
+        assert pids[0] not in asyncio_run(pool.start())
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        out += [int(c) for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_model_workers_end_with_the_server(setup, sig):  # noqa: F811
+    """`tvrn serve` with worker processes: when the server ends, by SIGTERM (graceful) or SIGKILL (no chance to
+    clean up), its workers end too, within seconds; none is left holding the model in RAM."""
+    import signal
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "tvrn.cli", "serve", str(setup[3]), "--port", "0", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "open http" in proc.stdout.readline()  # printed once the workers are up and the socket listens
+        workers = [c for c in _children(proc.pid) if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+        assert len(workers) == 1
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(30)
+        deadline = time.time() + 10
+        while time.time() < deadline and not all(_gone(w) for w in workers):
+            time.sleep(0.1)
+        assert all(_gone(w) for w in workers), sig
+    finally:
+        proc.kill()
+
+
+def asyncio_run(coro):
+    """Run a coroutine on a loop of its own (the server's loop runs in another thread)."""
+    import asyncio
+
+    return asyncio.run(coro)
 
 
 def test_serve_threads_option(setup, monkeypatch, capsys):  # noqa: F811
     import tvrn.search.server as srv
 
     seen = {}
-    monkeypatch.setattr(srv, "serve", lambda *a, **k: seen.update(k))
+    monkeypatch.setattr(srv, "serve", lambda *a, **k: seen.update(k, index=a[0]))
     assert main(["serve", str(setup[3]), "--threads", "3"]) == 0 and seen["threads"] == 3
+    assert seen["processes"] is True and seen["http"] == "auto"  # the defaults: worker processes, httptools
+    assert main(["serve", str(setup[3]), "--pool", "thread", "--http", "h11", "--nprobe", "7", "--no-verify"]) == 0
+    assert seen["processes"] is False and seen["http"] == "h11" and seen["index"].source["nprobe"] == 7
     assert main(["serve", str(setup[3]), "--threads", "0"]) == 2
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
 

@@ -71,7 +71,15 @@ def register(subparsers) -> None:
                    help="torch threads for model calls (default: CPU cores - 1, so the event loop that answers "
                         "the page, /api/info, image files and 503s always has a core)")
     p.add_argument("--model-nice", type=int, default=10,
-                   help="nice value added to the model threads, so cheap requests win the CPU (default %(default)s)")
+                   help="nice value added to the model workers, so cheap requests win the CPU (default %(default)s)")
+    p.add_argument("--pool", choices=["process", "thread"], default="process",
+                   help="run model calls in worker processes that each open the index (default: model work never "
+                        "holds the server's GIL) or in threads of the server process (one copy of the index in RAM)")
+    p.add_argument("--nprobe", type=int, help="FAISS search breadth (IVF lists / HNSW efSearch) of the shortlist")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking every index file's sha256 on opening (it reads every byte: 13 s for 12 GB)")
+    p.add_argument("--http", choices=["auto", "httptools", "h11"], default="auto",
+                   help="uvicorn's HTTP parser: httptools (C, the default when installed) or h11 (pure Python)")
     p.set_defaults(func=run_serve)
 
 
@@ -167,7 +175,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         serve(index, args.host, args.port, quiet=args.quiet, token=token, workers=args.workers, queue=args.queue,
               header_timeout=args.header_timeout, ready=ready, threads=args.threads,
-              model_nice=args.model_nice)
+              model_nice=args.model_nice, processes=args.pool == "process", http=args.http)
     except SystemExit as e:  # uvicorn exits when it cannot bind
         if e.code:
             print(f"tvrn serve: cannot listen on {args.host}:{args.port}", file=sys.stderr)

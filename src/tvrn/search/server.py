@@ -11,9 +11,10 @@ Endpoints (GET or HEAD; JSON answers; every error, whatever its status, method o
     POST /api/query-image?k=10&shortlist=500  body: an image file -> captions (indexes of `tvrn extract` data;
                                           refused with 409 when the gallery or the model has another recipe)
 
-Model calls run in a bounded pool (`workers` threads, `queue` waiting); when it is full a search gets 503 with
-Retry-After at once instead of piling up. The page, /api/info and image files never touch the pool, so they
-never wait behind model work. uvicorn's HTTP protocol is extended with a header timeout: a connection that has
+Model calls run in a bounded pool (`workers` at a time, `queue` waiting); when it is full a search gets 503 with
+Retry-After at once instead of piling up. `tvrn serve` runs them in worker processes that each open the index
+(`ModelPool`), so model work never holds the server's GIL; `create_app` uses threads unless asked. The page,
+/api/info and image files never touch the pool, so they never wait behind model work. uvicorn's HTTP protocol is extended with a header timeout: a connection that has
 not sent a complete request head within `header_timeout` seconds (idle, or half a header) is closed; idle
 keep-alive connections close after `keepalive_timeout`; a request head above 16 KB is refused (400, JSON).
 With a token (`--token` or TVRN_SERVE_TOKEN), every /api route needs `Authorization: Bearer TOKEN` (the page
@@ -78,44 +79,173 @@ def _lower_priority(nice: int) -> None:
             pass
 
 
+_WORKER: dict = {}  # in a model worker process: its own SearchService
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker when the server that spawned it is gone (killed, or exited without shutting the pool
+    down): an orphaned worker would otherwise wait on its task queue forever, holding the model in RAM."""
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _worker_init(source: dict, limits: "Limits", threads: int, nice: int, parent: int) -> None:
+    """A model worker process: follow the server's lifetime, lower its priority, set its torch threads, open the
+    index itself (the server checked the files' sha256 already)."""
+    import torch
+
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="tvrn-parent-watch").start()
+
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
+    torch.set_num_threads(max(1, threads))
+    index = SearchIndex.load(source["path"], verify=False, nprobe=source.get("nprobe"))
+    _WORKER["service"] = SearchService(index, limits)
+
+
+def _worker_call(method: str, args: tuple):
+    return getattr(_WORKER["service"], method)(*args)
+
+
+def _worker_ping() -> int:
+    return os.getpid()
+
+
 class ModelPool:
-    """At most `workers` model calls at a time and `queue` waiting; beyond that ServiceError(503)."""
+    """At most `workers` model calls at a time and `queue` waiting; beyond that ServiceError(503) at once.
 
-    def __init__(self, workers: int = 1, queue: int = 8, nice: int = 0):
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tvrn-model",
-                                           initializer=_lower_priority, initargs=(nice,))
+    `run(method, *args)` answers `getattr(service, method)(*args)`. Two kinds of workers:
+    - processes (`index_source` given, `tvrn serve`'s default): `workers` spawned processes, each opening the
+      index itself (`SearchIndex.load(**index_source)`) with `threads` torch threads. Model work then never holds
+      the server's GIL, so the event loop answers the page, info, image files and 503s while searches run. A
+      worker that dies (killed, out of memory) is replaced, and its request gets 503 with Retry-After;
+    - threads (`index_source` None): calls on `service` in this process (tests, notebooks, indexes built in memory).
+    Either runs `nice` steps below the server's priority."""
+
+    def __init__(self, service=None, workers: int = 1, queue: int = 8, nice: int = 0,
+                 index_source: Optional[dict] = None, limits: Optional["Limits"] = None, threads: int = 1):
+        self.service, self.workers, self.nice = service, workers, nice
+        self.index_source, self.limits, self.threads = index_source, limits or Limits(), threads
         self.capacity, self.pending = workers + queue, 0
+        self.executor = self._make()
 
-    async def run(self, fn: Callable[[], dict]) -> dict:
+    @property
+    def processes(self) -> bool:
+        return self.index_source is not None
+
+    def _make(self):
+        if not self.processes:
+            return ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="tvrn-model",
+                                      initializer=_lower_priority, initargs=(self.nice,))
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the server has threads (event loop, torch) that a forked child would inherit broken
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init,
+                                   initargs=(self.index_source, self.limits, self.threads, self.nice, os.getpid()))
+
+    async def start(self) -> list[int]:
+        """Start every worker process now (each loads the index), not on the first search -> their pids."""
+        if not self.processes:
+            return []
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*[loop.run_in_executor(self.executor, _worker_ping)
+                                           for _ in range(self.workers)]))
+
+    async def run(self, method: str, *args) -> dict:
+        from concurrent.futures.process import BrokenProcessPool
+
         if self.pending >= self.capacity:
             raise ServiceError(503, f"busy: {self.pending} searches running or waiting; try again shortly",
                                retry_after=1)
         self.pending += 1  # only the event loop thread changes it
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+            if not self.processes:
+                return await loop.run_in_executor(self.executor, lambda: getattr(self.service, method)(*args))
+            executor = self.executor
+            try:
+                return await loop.run_in_executor(executor, _worker_call, method, args)
+            except BrokenProcessPool:
+                if executor is self.executor:  # the first request to see it replaces the pool
+                    executor.shutdown(wait=False, cancel_futures=True)
+                    self.executor = self._make()
+                raise ServiceError(503, "a model worker process died; it is being restarted, try again shortly",
+                                   retry_after=1) from None
         finally:
             self.pending -= 1
 
     def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        """Cancel what waits; worker processes finish their current call and exit (waited for, so none is left
+        behind when the server exits)."""
+        self.executor.shutdown(wait=self.processes, cancel_futures=True)
 
 
 def _error(status: int, message: str, headers: Optional[dict] = None):
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+_SAFE_HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
+
+
+class _Guard:
+    """ASGI middleware in front of every route: the request head bound, the bearer token on /api routes, HEAD
+    served as GET, and no-store / nosniff on every answer. Plain ASGI, not Starlette's BaseHTTPMiddleware (which
+    costs every request an extra task and a stream)."""
+
+    def __init__(self, app, token: Optional[str] = None):
+        self.app = app
+        self.expected = None if token is None else f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
+            sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+        if head > MAX_HEAD_BYTES:  # h11 bounds only heads that arrive in pieces
+            return await _error(400, f"request head of {head} bytes, at most {MAX_HEAD_BYTES}",
+                                {"Connection": "close"})(scope, receive, send)
+        if self.expected is not None and scope["path"].startswith("/api/"):
+            got = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(got, self.expected):
+                return await _error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)",
+                                    {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        head_only = scope["method"] == "HEAD"
+        if head_only:  # routes answer GET; the server (whose scope still says HEAD) sends no body
+            scope = dict(scope, method="GET")
+
+        async def guarded(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=[*message.get("headers", []), *_SAFE_HEADERS])
+            elif head_only and message["type"] == "http.response.body":
+                message = dict(message, body=b"")
+            await send(message)
+
+        await self.app(scope, receive, guarded)
+
+
 def create_app(index: SearchIndex, token: Optional[str] = None, workers: int = 1, queue: int = 8,
-               limits: Limits = Limits(), model_nice: int = 10):
-    """The ASGI app for `index` (see the module doc). app.state.pool is the model pool; its threads run
-    `model_nice` steps below the event loop's priority (cheap requests first when the CPU is short)."""
+               limits: Limits = Limits(), model_nice: int = 10, processes: bool = False, threads: int = 1):
+    """The ASGI app for `index` (see the module doc). app.state.pool is the model pool (`ModelPool`): worker
+    processes when `processes` (each reopens the index from `index.source`, so the index must come from
+    `SearchIndex.load`; `threads` torch threads each), else threads of this process; either runs `model_nice`
+    steps below the event loop's priority (cheap requests first when the CPU is short)."""
     _require()
     from contextlib import asynccontextmanager
 
     service = SearchService(index, limits)
-    pool = ModelPool(workers, queue, model_nice)
+    if processes and index.source is None:
+        raise ValueError("model worker processes reopen the index from its path: open it with SearchIndex.load")
+    pool = ModelPool(service, workers, queue, model_nice, index_source=index.source if processes else None,
+                     limits=limits, threads=threads)
 
     @asynccontextmanager
     async def lifespan(app):
+        await pool.start()  # worker processes load the index before the first request, not during it
         yield
         pool.shutdown()
 
@@ -141,34 +271,14 @@ def create_app(index: SearchIndex, token: Optional[str] = None, workers: int = 1
     async def internal_error(request, exc):
         return _error(500, f"internal error: {type(exc).__name__}")
 
-    @app.middleware("http")
-    async def auth_and_headers(request: Request, call_next):
-        head = len(request.scope.get("raw_path", b"")) + len(request.scope.get("query_string", b"")) + \
-            sum(len(k) + len(v) + 4 for k, v in request.scope["headers"])
-        if head > MAX_HEAD_BYTES:  # h11 bounds only heads that arrive in pieces
-            return _error(400, f"request head of {head} bytes, at most {MAX_HEAD_BYTES}", {"Connection": "close"})
-        if token is not None and request.url.path.startswith("/api/"):
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-                return _error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)",
-                              {"WWW-Authenticate": "Bearer"})
-        head_only = request.method == "HEAD"
-        if head_only:
-            request.scope["method"] = "GET"
-        response = await call_next(request)
-        if head_only:
-            async for _ in response.body_iterator:  # drained, not sent; Content-Length stays the GET's
-                pass
-            response = Response(status_code=response.status_code, headers=dict(response.headers))
-        response.headers["Cache-Control"] = "no-store"
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        return response
+    app.add_middleware(_Guard, token=token)
 
-    get = app.get  # HEAD is answered by the middleware above, as GET without the body
+    get = app.get  # HEAD is answered as GET, without the body (_Guard; uvicorn drops a HEAD's body)
+    page_bytes = page_html()
 
     @get("/")
     async def page():
-        return Response(page_html(), media_type="text/html; charset=utf-8")
+        return Response(page_bytes, media_type="text/html; charset=utf-8")
 
     @get("/index.html")
     async def page_alias():
@@ -176,17 +286,17 @@ def create_app(index: SearchIndex, token: Optional[str] = None, workers: int = 1
 
     @get("/api/info")
     async def info():
-        return service.info()
+        return JSONResponse(service.info())  # a Response: FastAPI's encoder (slow) is skipped
 
     @get("/api/search")
     async def search(q: Optional[str] = None, k: Optional[str] = None, shortlist: Optional[str] = None):
         service.check_query(q)  # cheap refusals never queue
-        return await pool.run(lambda: service.search(q, k, shortlist))
+        return JSONResponse(await pool.run("search", q, k, shortlist))
 
     @get("/api/image/{raw}")
     async def image(raw: str, k: Optional[str] = None, shortlist: Optional[str] = None):
         parse_index(raw, index.num_images, "gallery image")
-        return await pool.run(lambda: service.image(raw, k, shortlist))
+        return JSONResponse(await pool.run("image", raw, k, shortlist))
 
     @app.post("/api/query-image")
     async def query_image(request: Request, k: Optional[str] = None, shortlist: Optional[str] = None):
@@ -198,7 +308,7 @@ def create_app(index: SearchIndex, token: Optional[str] = None, workers: int = 1
             body += chunk
             if len(body) > limits.max_upload_bytes:
                 raise ServiceError(413, f"image above {limits.max_upload_bytes} bytes")
-        return await pool.run(lambda: service.image_file(bytes(body), k, shortlist))
+        return JSONResponse(await pool.run("image_file", bytes(body), k, shortlist))
 
     @get("/images/{raw}")
     async def image_file(raw: str):
@@ -211,63 +321,139 @@ def create_app(index: SearchIndex, token: Optional[str] = None, workers: int = 1
     return app
 
 
-def _protocol_class(header_timeout: float):
-    """uvicorn's h11 protocol with a header timeout and JSON for its own 400s."""
-    _require()
+def _json_400(msg: str) -> tuple[bytes, list]:
+    body = json.dumps({"error": f"bad HTTP request: {msg} (request head at most {MAX_HEAD_BYTES} bytes)"}).encode()
+    return body, [(b"content-type", b"application/json"), (b"connection", b"close"),
+                  (b"content-length", str(len(body)).encode())]
 
-    class Protocol(H11Protocol):
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+
+class _HeadTimeout:
+    """Mixed into uvicorn's HTTP protocols: a connection that has not sent a complete request head within
+    `header_timeout` seconds of connecting or of its last answer (idle, or half a header) is closed."""
+
+    header_timeout = 10.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head_timer = None
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
+
+    def _disarm(self) -> None:
+        if getattr(self, "_head_timer", None) is not None:
+            self._head_timer.cancel()
             self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()  # no complete request head in time: an idle or stalled client
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
             self._arm()
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._head_timer = self.loop.call_later(header_timeout, self._head_timeout)
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
-        def _disarm(self) -> None:
-            if getattr(self, "_head_timer", None) is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
 
-        def _head_timeout(self) -> None:
-            self._head_timer = None
-            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-                self.transport.close()  # no complete request head in time: an idle or stalled client
+def _protocol_class(header_timeout: float, impl: str = "auto"):
+    """uvicorn's HTTP protocol with a header timeout, a bound on the request head and JSON for its own 400s:
+    httptools (C parser, half the CPU per request) when installed and `impl` is "auto" or "httptools", else
+    h11."""
+    _require()
+    if impl in ("auto", "httptools"):
+        try:
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        except ImportError:
+            if impl == "httptools":
+                raise
+        else:
+            return _httptools_protocol(HttpToolsProtocol, header_timeout)
 
+    class Protocol(_HeadTimeout, H11Protocol):
         def handle_events(self) -> None:
             super().handle_events()
             if self.cycle is not None and not self.cycle.response_complete:
                 self._disarm()  # a request head arrived
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()
-
-        def connection_lost(self, exc) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
         def send_400_response(self, msg: str) -> None:
             import h11
 
-            body = json.dumps({"error": f"bad HTTP request: {msg} (request head at most {MAX_HEAD_BYTES} bytes)"}).encode()
-            headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
-                       (b"content-length", str(len(body)).encode())]
+            body, headers = _json_400(msg)
             for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
                           h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event))
             self.transport.close()
 
+    Protocol.header_timeout = header_timeout
+    return Protocol
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+def _httptools_protocol(base, header_timeout: float):
+    class Protocol(_HeadTimeout, base):
+        def connection_made(self, transport) -> None:
+            self._head_bytes, self._too_large, self._in_head, self._raw_head = 0, False, False, 0
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._in_head and not self.transport.is_closing():  # a head begun and not complete: it got `data`
+                self._raw_head += len(data)
+                if self._raw_head > MAX_HEAD_BYTES:  # a head arriving in pieces: httptools only calls back
+                    self._too_large = True  # once a header line is complete
+                    self.send_400_response("")
+
+        def on_message_begin(self) -> None:
+            self._head_bytes, self._raw_head, self._in_head = 0, 0, True
+            super().on_message_begin()
+
+        def _count(self, n: int) -> None:
+            self._head_bytes += n
+            if self._head_bytes > MAX_HEAD_BYTES:  # httptools has no bound of its own: stop parsing here
+                self._too_large = True
+                raise _HeadTooLarge()
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._disarm()  # a request head arrived
+            self._in_head = False
+            super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:  # the parser's errors (a callback's raise included)
+            if self._too_large:
+                msg = f"request head above {MAX_HEAD_BYTES} bytes"
+            body, headers = _json_400(msg)
+            head = b"HTTP/1.1 400 Bad Request\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+            self.transport.write(head + b"\r\n" + body)
+            self.transport.close()
+
+    Protocol.header_timeout = header_timeout
     return Protocol
 
 
 def make_config(app, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False, header_timeout: float = 10.0,
-                keepalive_timeout: float = 5.0, backlog: int = 2048):
+                keepalive_timeout: float = 5.0, backlog: int = 2048, http: str = "auto"):
+    """uvicorn's config for `app`; http: "auto" (httptools when installed, else h11), "httptools" or "h11"."""
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, http=_protocol_class(header_timeout),
+    return uvicorn.Config(app, host=host, port=port, http=_protocol_class(header_timeout, http),
                           timeout_keep_alive=keepalive_timeout, backlog=backlog, log_level="warning",
                           access_log=not quiet, h11_max_incomplete_event_size=MAX_HEAD_BYTES, lifespan="on")
 
@@ -299,17 +485,21 @@ class ServerThread:
 def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
           token: Optional[str] = None, workers: int = 1, queue: int = 8, header_timeout: float = 10.0,
           ready: Optional[Callable[[str], None]] = None, threads: Optional[int] = None,
-          model_nice: int = 10) -> None:
-    """Serve until interrupted. ready(url) is called once the socket listens. Model calls get `threads` torch
-    threads (default: CPU cores - 1, so the event loop answering cheap requests and 503s keeps a core)."""
-    import os
-
+          model_nice: int = 10, processes: bool = True, http: str = "auto") -> None:
+    """Serve until interrupted. ready(url) is called once the socket listens. Model calls run in `workers`
+    worker processes (`processes`, when the index was opened from a path; else threads) with `threads` torch
+    threads each (default: CPU cores - 1, so the event loop answering cheap requests and 503s keeps a core).
+    The workers are spawned, and a spawned process imports the main module: from a script, call serve under
+    `if __name__ == "__main__":`."""
     import torch
     import uvicorn
 
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
-    app = create_app(index, token, workers, queue, model_nice=model_nice)
-    server = uvicorn.Server(make_config(app, host, port, quiet, header_timeout))
+    threads = threads or max(1, (os.cpu_count() or 1) - 1)
+    processes = processes and index.source is not None
+    if not processes:
+        torch.set_num_threads(threads)
+    app = create_app(index, token, workers, queue, model_nice=model_nice, processes=processes, threads=threads)
+    server = uvicorn.Server(make_config(app, host, port, quiet, header_timeout, http=http))
     if ready is not None:
         original = server.startup
 

@@ -29,6 +29,9 @@ class ServiceError(Exception):
         super().__init__(message)
         self.status, self.message, self.retry_after = status, message, retry_after
 
+    def __reduce__(self):  # crosses from a model worker process to the server
+        return ServiceError, (self.status, self.message, self.retry_after)
+
 
 @dataclass(frozen=True)
 class Limits:
