@@ -6,7 +6,8 @@ writer `tvrn index` uses), in float32 and in float16. Reported: build seconds, i
 (flat in the gallery size: only a batch is in memory), and, in a fresh process that opens the index, RSS after
 opening and after --queries text queries (shortlist 100, re-ranked by the full model), with the latency p50 / p99.
 
-Part B, the shortlist: --vectors unit vectors (D=64, drawn around 4096 centres, as trained embeddings cluster)
+Part B, the shortlist: --vectors unit vectors (D=64, drawn around --centres centres, as trained embeddings
+cluster, or uniform on the sphere with --centres 0)
 in FAISS indexes built from factory strings (Flat, IVF, HNSW): build seconds, one-query latency p50 / p99, and
 recall@100 of each against the exact top 100.
 
@@ -34,7 +35,7 @@ import torch
 
 from tvrn.data.batch import ImageBatch, TextBatch
 from tvrn.models import create_model
-from tvrn.search.index import _IndexWriter
+from tvrn.search.index import _IndexWriter, _ivf_lists
 from tvrn.train.checkpoint import atomic_save
 
 WIDTH = dict(img_dim=256, embed_size=64, sim_dim=32, word_dim=64, vocab_size=60)
@@ -68,7 +69,8 @@ def random_texts(n, seed):
     return TextBatch(tokens=torch.randint(4, 60, (n, 12), generator=g) * mask, mask=mask)
 
 
-def build(out: Path, ckpt: dict, model, n_images: int, n_captions: int, dtype: str, batch: int = 2048) -> dict:
+def build(out: Path, ckpt: dict, model, n_images: int, n_captions: int, dtype: str, batch: int = 2048,
+          faiss_spec=None) -> dict:
     t0 = time.perf_counter()
     writer = _IndexWriter(out, n_images, n_captions, dtype, max_words=12)
     with torch.no_grad():
@@ -79,7 +81,7 @@ def build(out: Path, ckpt: dict, model, n_images: int, n_captions: int, dtype: s
             enc = model.encode_text(random_texts(min(batch, n_captions - s), 10**9 + s))
             writer.add_texts(s, enc, model.shortlist_embed_text(enc).float())
     writer.finish(ckpt, [f"sim-{i}" for i in range(n_images)], [f"caption {c}" for c in range(n_captions)],
-                  torch.arange(n_captions) % n_images, "", "sim", None, None)
+                  torch.arange(n_captions) % n_images, "", "sim", None, faiss_spec)
     return {"seconds": time.perf_counter() - t0, "bytes": size_of(out)}
 
 
@@ -94,7 +96,7 @@ def rss(field="VmRSS"):
             return int(line.split()[1]) * 1024
 before = rss()
 t = time.perf_counter()
-index = SearchIndex.load(sys.argv[1], verify=sys.argv[3] == "1")
+index = SearchIndex.load(sys.argv[1], verify=sys.argv[3] == "1", nprobe=int(sys.argv[4]) or None)
 opened, open_s = rss(), time.perf_counter() - t
 words = ["a", "red", "cat", "on", "blue", "box", "small", "dog", "ball", "green"]
 lat = []
@@ -128,12 +130,14 @@ def part_a(a, root: Path) -> list:
         if out.exists():
             shutil.rmtree(out)
         peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        r = {"dtype": dtype, "images": a.images, "captions": a.captions, **build(out, ckpt, model, a.images, a.captions, dtype)}
+        spec, param = a.index_faiss
+        r = {"dtype": dtype, "images": a.images, "captions": a.captions, "faiss": spec, "faiss_param": param,
+             **build(out, ckpt, model, a.images, a.captions, dtype, faiss_spec=spec or None)}
         r["build_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         r["build_peak_rss_before"] = peak0
         r["build_rss_anon_end"], r["build_rss_file_end"] = rss("RssAnon"), rss("RssFile")
         for verify in (1, 0):
-            proc = subprocess.run([sys.executable, "-c", SERVE, str(out), str(a.queries), str(verify)],
+            proc = subprocess.run([sys.executable, "-c", SERVE, str(out), str(a.queries), str(verify), str(param)],
                                   capture_output=True, text=True, check=True)
             r["serve_verify" if verify else "serve"] = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(r)
@@ -147,8 +151,11 @@ def part_b(a) -> list:
     import faiss
 
     g = np.random.default_rng(0)
-    centres = g.standard_normal((4096, 64)).astype(np.float32)
-    vec = centres[g.integers(0, 4096, a.vectors)] + 0.5 * g.standard_normal((a.vectors, 64)).astype(np.float32)
+    if a.centres:  # clustered, as trained embeddings are (flatters an IVF with as many lists as centres)
+        centres = g.standard_normal((a.centres, 64)).astype(np.float32)
+        vec = centres[g.integers(0, a.centres, a.vectors)] + 0.5 * g.standard_normal((a.vectors, 64)).astype(np.float32)
+    else:  # uniform on the sphere: no structure, the hardest case for approximate search
+        vec = g.standard_normal((a.vectors, 64)).astype(np.float32)
     vec /= np.linalg.norm(vec, axis=1, keepdims=True)
     queries = vec[g.integers(0, a.vectors, 200)] + 0.1 * g.standard_normal((200, 64)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
@@ -160,7 +167,7 @@ def part_b(a) -> list:
         t0 = time.perf_counter()
         index = faiss.index_factory(64, spec, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
-            index.train(vec[:: max(1, a.vectors // 100_000)])
+            index.train(vec[:: max(1, a.vectors // max(100_000, 64 * _ivf_lists(index)))])
         index.add(vec)
         build_s = time.perf_counter() - t0
         if nprobe:
@@ -172,7 +179,7 @@ def part_b(a) -> list:
             lat.append(time.perf_counter() - t)
             hits += len(set(idx[0].tolist()) & set(truth[q].tolist()))
         lat.sort()
-        rows.append({"factory": spec, "nprobe": nprobe, "vectors": a.vectors, "build_s": build_s,
+        rows.append({"factory": spec, "nprobe": nprobe, "vectors": a.vectors, "centres": a.centres, "build_s": build_s,
                      "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
                      "recall@100": hits / (100 * len(queries))})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -207,8 +214,16 @@ def main():
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--dtypes", nargs="*", default=["float32", "float16"])
     ap.add_argument("--vectors", type=int, default=1_000_000)
-    ap.add_argument("--faiss", nargs="*", default=["Flat:0", "IVF4096,Flat:16", "IVF4096,Flat:64", "HNSW32:64"],
-                    help="FACTORY:NPROBE pairs (NPROBE 0: none)")
+    ap.add_argument("--faiss", nargs="*", default=["Flat:0", "IVF4096,Flat:16", "IVF4096,Flat:64", "HNSW32:64",
+                                                   "HNSW32:256", "HNSW32:512"],
+                    help="part B: FACTORY:PARAM pairs, PARAM nprobe (IVF) or efSearch (HNSW; k=100 needs efSearch >= "
+                         "k, 2-5 k for recall), 0: none")
+    ap.add_argument("--centres", type=int, default=4096,
+                    help="part B: the vectors are drawn around this many centres (0: uniform on the sphere)")
+    ap.add_argument("--index-faiss", default="Flat:0",
+                    help="part A: the FAISS shortlist the served index is built with, FACTORY:PARAM (':0' no "
+                         "parameter; an empty FACTORY: exact search over the stored vectors)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["store", "shortlist", "precision"])
     ap.add_argument("--checkpoint", default="runs/study/study/tvrn_s0/best.pt")
     ap.add_argument("--data", default="data/synth")
     ap.add_argument("--root", default="runs/bench_index")
@@ -216,11 +231,14 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "index.json"))
     a = ap.parse_args()
     a.faiss = [(s.rsplit(":", 1)[0], int(s.rsplit(":", 1)[1])) for s in a.faiss]
+    a.index_faiss = (a.index_faiss.rsplit(":", 1)[0], int(a.index_faiss.rsplit(":", 1)[1]))
     torch.set_num_threads(2)
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
-    res = {"command": " ".join(["python", *sys.argv]), "store": part_a(a, root), "shortlist": part_b(a)}
-    if Path(a.checkpoint).exists():
+    res = {"command": " ".join(["python", *sys.argv]),
+           "store": part_a(a, root) if "store" not in a.skip else [],
+           "shortlist": part_b(a) if "shortlist" not in a.skip else []}
+    if Path(a.checkpoint).exists() and "precision" not in a.skip:
         res["precision"] = part_c(a, root)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     print("| storage | images | build s | index GB | build peak RSS GB | open + 200 queries RSS GB | p50 / p99 ms |")
