@@ -133,3 +133,21 @@ def test_resume_of_a_run_made_before_a_config_field_existed(tmp_path):
     now["train"]["partner_file"] = "p.json"
     now["model"]["word_dropout"] = 0.4
     assert resume_conflicts(saved, now) == ["model.word_dropout", "train.partner_file"]
+
+
+def test_resume_at_an_epoch_boundary_in_a_new_process_is_bit_identical(synth, tmp_path):
+    """The module study's case: a run stopped after epoch 1 and resumed by another process (`--resume`, no
+    --deterministic) ends with the checkpoint of the run that never stopped: weights, optimiser, RNG states,
+    metrics (TVRN with dropout, so the restored RNG state matters)."""
+    def cmd(out, epochs, *extra):
+        args = [a for a in SMALL if a not in ("--epochs", "1")]
+        return [sys.executable, "-m", "tvrn.cli", "train", "--config", "tvrn_synth", "--data", str(synth),
+                "--model", "tvrn_sgr", "--out", str(out), *args, "--epochs", str(epochs), *extra]
+
+    _run_concurrently([cmd(tmp_path / "whole", 2), cmd(tmp_path / "cut", 1)])
+    first = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert first["epoch"] == 1 and first["batch"] == 0  # stopped at the boundary
+    _run_concurrently([cmd(tmp_path / "cut", 2, "--resume")])
+    a, b = _checkpoint(tmp_path / "whole"), _checkpoint(tmp_path / "cut")
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] > first["step"]
+    assert_same(a, b)
