@@ -53,6 +53,16 @@ def _npy_header(path: Path) -> tuple[tuple, np.dtype, int]:
         return tuple(shape), dtype, f.tell()
 
 
+def _close_fd(self) -> None:
+    """__del__ of the readers below: close the file they read with pread."""
+    fd = getattr(self, "fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class NpyRows:
     """Read-only rows of a `.npy` file, read on demand with pread (thread-safe; no memory map, so rows read
     are not left resident in the process). Indexed like the array for what the index needs: `rows[a:b]`,
@@ -72,13 +82,7 @@ class NpyRows:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __del__(self):
-        fd = getattr(self, "fd", None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    __del__ = _close_fd
 
     def _read(self, start: int, out: np.ndarray) -> None:
         view, pos = memoryview(out.reshape(-1).view(np.uint8)), self.offset + start * self.row_bytes
@@ -167,13 +171,7 @@ class StringRows:
         self.n = len(self.offsets) - 1
         self.fd = os.open(self.path, os.O_RDONLY)
 
-    def __del__(self):
-        fd = getattr(self, "fd", None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    __del__ = _close_fd
 
     def __len__(self) -> int:
         return self.n
