@@ -173,6 +173,29 @@ def test_a_large_request_body_is_not_taken_for_a_large_head(server):
     assert out.startswith(b"HTTP/1.1 409"), out[:200]
 
 
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_a_trickling_upload_body_gets_408_and_does_not_delay_others(setup, http):  # noqa: F811
+    """Head sent, then 100 of the 40,000 declared body bytes: 408 JSON after the body timeout, the connection
+    closed; meanwhile another client is answered at once."""
+    from tvrn.search.service import Limits
+
+    if http == "httptools":
+        pytest.importorskip("httptools")
+    app = create_app(setup[4], limits=Limits(body_timeout_s=0.5))
+    with ServerThread(app, http=http) as base:
+        host, port = base.split("//")[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(b"POST /api/query-image HTTP/1.1\r\nHost: x\r\nContent-Length: 40000\r\n\r\n" + b"x" * 100)
+            t0 = time.perf_counter()
+            assert request(base, "/api/info")[0] == 200 and time.perf_counter() - t0 < 0.3
+            out = b""
+            while chunk := s.recv(65536):  # the server closes after its answer
+                out += chunk
+            waited = time.perf_counter() - t0
+    assert out.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in out and b"100 bytes" in out
+    assert 0.3 < waited < 3
+
+
 def test_unknown_words_are_listed_and_a_query_of_none_gets_no_hits(server):
     base, _ = server
     res = json.loads(request(base, "/api/search?q=zebra+giraffe")[2])

@@ -78,6 +78,8 @@ def register(subparsers) -> None:
     p.add_argument("--nprobe", type=int, help="FAISS search breadth (IVF lists / HNSW efSearch) of the shortlist")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking every index file's sha256 on opening (it reads every byte: 13 s for 12 GB)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds an upload (POST /api/query-image) may take to send its body (default %(default)s)")
     p.add_argument("--http", choices=["auto", "httptools", "h11"], default="auto",
                    help="uvicorn's HTTP parser: httptools (C, the default when installed) or h11 (pure Python)")
     p.set_defaults(func=run_serve)
@@ -149,6 +151,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from tvrn.search.index import SearchIndexError
 
     from tvrn.search.server import _require, is_loopback, serve
+    from tvrn.search.service import Limits
 
     try:
         _require()
@@ -175,7 +178,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         serve(index, args.host, args.port, quiet=args.quiet, token=token, workers=args.workers, queue=args.queue,
               header_timeout=args.header_timeout, ready=ready, threads=args.threads,
-              model_nice=args.model_nice, processes=args.pool == "process", http=args.http)
+              model_nice=args.model_nice, processes=args.pool == "process", http=args.http,
+              limits=Limits(body_timeout_s=args.body_timeout))
     except SystemExit as e:  # uvicorn exits when it cannot bind
         if e.code:
             print(f"tvrn serve: cannot listen on {args.host}:{args.port}", file=sys.stderr)

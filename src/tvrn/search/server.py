@@ -16,7 +16,8 @@ Retry-After at once instead of piling up. `tvrn serve` runs them in worker proce
 (`ModelPool`), so model work never holds the server's GIL; `create_app` uses threads unless asked. The page,
 /api/info and image files never touch the pool, so they never wait behind model work. uvicorn's HTTP protocol is extended with a header timeout: a connection that has
 not sent a complete request head within `header_timeout` seconds (idle, or half a header) is closed; idle
-keep-alive connections close after `keepalive_timeout`; a request head above 16 KB is refused (400, JSON).
+keep-alive connections close after `keepalive_timeout`; a request head above 16 KB is refused (400, JSON); an
+upload whose body has not arrived within `Limits.body_timeout_s` gets 408 and the connection is closed.
 With a token (`--token` or TVRN_SERVE_TOKEN), every /api route needs `Authorization: Bearer TOKEN` (the page
 reads it from its URL: /#token=TOKEN).
 
@@ -304,10 +305,15 @@ def create_app(index: SearchIndex, token: Optional[str] = None, workers: int = 1
         if declared and declared.isascii() and declared.isdigit() and int(declared) > limits.max_upload_bytes:
             raise ServiceError(413, f"image of {declared} bytes, at most {limits.max_upload_bytes}")
         body = bytearray()
-        async for chunk in request.stream():  # bounded read: stop at the limit
-            body += chunk
-            if len(body) > limits.max_upload_bytes:
-                raise ServiceError(413, f"image above {limits.max_upload_bytes} bytes")
+        try:
+            async with asyncio.timeout(limits.body_timeout_s):  # a body trickling in holds nothing for long
+                async for chunk in request.stream():  # bounded read: stop at the limit
+                    body += chunk
+                    if len(body) > limits.max_upload_bytes:
+                        raise ServiceError(413, f"image above {limits.max_upload_bytes} bytes")
+        except TimeoutError:
+            return _error(408, f"the request body did not arrive within {limits.body_timeout_s:g} s "
+                               f"({len(body)} bytes came)", {"Connection": "close"})
         return JSONResponse(await pool.run("image_file", bytes(body), k, shortlist))
 
     @get("/images/{raw}")
@@ -485,7 +491,7 @@ class ServerThread:
 def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
           token: Optional[str] = None, workers: int = 1, queue: int = 8, header_timeout: float = 10.0,
           ready: Optional[Callable[[str], None]] = None, threads: Optional[int] = None,
-          model_nice: int = 10, processes: bool = True, http: str = "auto") -> None:
+          model_nice: int = 10, processes: bool = True, http: str = "auto", limits: Limits = Limits()) -> None:
     """Serve until interrupted. ready(url) is called once the socket listens. Model calls run in `workers`
     worker processes (`processes`, when the index was opened from a path; else threads) with `threads` torch
     threads each (default: CPU cores - 1, so the event loop answering cheap requests and 503s keeps a core).
@@ -498,7 +504,8 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, quiet: 
     processes = processes and index.source is not None
     if not processes:
         torch.set_num_threads(threads)
-    app = create_app(index, token, workers, queue, model_nice=model_nice, processes=processes, threads=threads)
+    app = create_app(index, token, workers, queue, limits=limits, model_nice=model_nice, processes=processes,
+                     threads=threads)
     server = uvicorn.Server(make_config(app, host, port, quiet, header_timeout, http=http))
     if ready is not None:
         original = server.startup

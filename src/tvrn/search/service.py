@@ -41,6 +41,7 @@ class Limits:
     default_text_shortlist: int = 100  # images re-ranked for a text query (0: all)
     default_image_shortlist: int = 500  # captions re-ranked for an image query (0: all)
     max_upload_bytes: int = 20 << 20  # an uploaded image query above this: 413
+    body_timeout_s: float = 30.0  # an upload whose body has not all arrived by then: 408, connection closed
 
 
 def _int(raw: Optional[str], name: str, default: int, minimum: int) -> int:
