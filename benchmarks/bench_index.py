@@ -36,7 +36,6 @@ import torch
 from tvrn.data.batch import ImageBatch, TextBatch
 from tvrn.models import create_model
 from tvrn.search.index import _IndexWriter, _ivf_lists
-from tvrn.train.checkpoint import atomic_save
 
 WIDTH = dict(img_dim=256, embed_size=64, sim_dim=32, word_dim=64, vocab_size=60)
 R = 12

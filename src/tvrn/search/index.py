@@ -36,7 +36,7 @@ import torch
 from ..data import collate_texts, load_split
 from ..scoring import encode_texts, score_all
 from ..train.checkpoint import atomic_save
-from .shortlist import shortlist_embeddings, topk_exact
+from .shortlist import shortlist_embeddings
 from .store import FieldStore, FieldWriter, NpyRows, NpyRowWriter, StringRows, sha256_file, write_strings
 
 FORMAT, VERSION = "tvrn-index", 1
@@ -141,12 +141,13 @@ class SearchIndex:
         were made (`tvrn.search.image_query.extract_record`), None when not by `tvrn extract`."""
         self.model, self.tokenizer, self.checkpoint = model.eval(), tokenizer, checkpoint
         self.images, self.texts = _Rows(enc_images), _Rows(enc_texts)
-        on_disk = isinstance(image_ids, StringRows)  # a version-3 folder: ids, captions and their tables on disk
-        self.image_ids = image_ids if on_disk else list(image_ids)
+        # a version-3 folder passes ids, captions and their tables as readers of its files; else lists in RAM
+        self.image_ids = image_ids if isinstance(image_ids, StringRows) else list(image_ids)
         self.captions = captions if isinstance(captions, StringRows) else list(captions)
         self.caption_to_image = caption_to_image if isinstance(caption_to_image, NpyRows) else \
             torch.as_tensor(caption_to_image).long()
-        self._image_captions = image_captions  # (captions grouped by image, (Ni + 1,) offsets) on disk, or None
+        # (captions grouped by image (Nc,), their (Ni + 1,) offsets): read from the folder, or derived here
+        self._image_captions = image_captions or captions_by_image(self.caption_to_image, len(self.image_ids))
         self.data_root, self.split, self.image_dir = data_root, split, image_dir
         self.extract = extract
         self.source: Optional[dict] = None  # {"path", "nprobe"} when opened by `load`: how a worker reopens it
@@ -430,11 +431,9 @@ class SearchIndex:
     # ------------------------------------------------------------------ for the web page
     def caption_indices_of(self, image: int) -> list[int]:
         """The gallery captions of image `image`, in gallery order."""
-        if self._image_captions is not None:
-            order, offsets = self._image_captions
-            a, b = (int(x) for x in offsets[image : image + 2])
-            return [int(c) for c in order[a:b]]
-        return torch.nonzero(self.caption_to_image == image).reshape(-1).tolist()
+        order, offsets = self._image_captions
+        a, b = (int(x) for x in offsets[image : image + 2])
+        return [int(c) for c in order[a:b]]
 
     def captions_of(self, image: int) -> list[str]:
         return [self.captions[c] for c in self.caption_indices_of(image)]
@@ -484,6 +483,13 @@ def _image_dir(data_root, split, image_dir) -> Optional[str]:
         if image_dir is not None and not Path(image_dir).is_dir():
             image_dir = None
     return None if image_dir is None else str(Path(image_dir).resolve())
+
+
+def captions_by_image(caption_to_image, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """caption_to_image (Nc,) -> (captions grouped by image, stable: (Nc,) int64; offsets (n_images + 1,) int64):
+    the captions of image i are order[offsets[i]:offsets[i + 1]]."""
+    c2i = np.asarray(caption_to_image, dtype=np.int64).reshape(-1)
+    return np.argsort(c2i, kind="stable"), np.r_[0, np.cumsum(np.bincount(c2i, minlength=n_images))].astype(np.int64)
 
 
 def _ivf_lists(index) -> int:
@@ -559,8 +565,9 @@ class _IndexWriter:
         if len(c2i) and (c2i.min() < 0 or c2i.max() >= n_ids):
             raise ValueError(f"caption_to_image has an image outside 0..{n_ids - 1}")
         np.save(self.tmp / "caption_to_image.npy", c2i)
-        np.save(self.tmp / "image_captions.npy", np.argsort(c2i, kind="stable"))  # captions grouped by image
-        np.save(self.tmp / "image_captions.offsets.npy", np.r_[0, np.cumsum(np.bincount(c2i, minlength=n_ids))])
+        order, offsets = captions_by_image(c2i, n_ids)
+        np.save(self.tmp / "image_captions.npy", order)
+        np.save(self.tmp / "image_captions.offsets.npy", offsets)
         files = {str(p.relative_to(self.tmp)): sha256_file(p) for p in sorted(self.tmp.rglob("*")) if p.is_file()}
         man = {"format": FORMAT, "version": DIR_VERSION, "counts": {"images": n_ids, "captions": n_caps},
                "dtype": self.dtype, "faiss": faiss_spec, "data_root": data_root, "split": split,

@@ -14,7 +14,8 @@ Endpoints (GET or HEAD; JSON answers; every error, whatever its status, method o
 Model calls run in a bounded pool (`workers` at a time, `queue` waiting); when it is full a search gets 503 with
 Retry-After at once instead of piling up. `tvrn serve` runs them in worker processes that each open the index
 (`ModelPool`), so model work never holds the server's GIL; `create_app` uses threads unless asked. The page,
-/api/info and image files never touch the pool, so they never wait behind model work. uvicorn's HTTP protocol is extended with a header timeout: a connection that has
+/api/info and image files never touch the pool, so they never wait behind model work. uvicorn's HTTP protocol
+(httptools when installed, else h11) is extended with a header timeout: a connection that has
 not sent a complete request head within `header_timeout` seconds (idle, or half a header) is closed; idle
 keep-alive connections close after `keepalive_timeout`; a request head above 16 KB is refused (400, JSON); an
 upload whose body has not arrived within `Limits.body_timeout_s` gets 408 and the connection is closed.

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
