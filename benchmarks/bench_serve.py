@@ -54,35 +54,44 @@ def build_index(data: Path, out: Path) -> None:
     SearchIndex.build(ckpt, data, "test").save(out)
 
 
-def rss(pid: int) -> int:
-    """Resident bytes of the server and its model worker processes (its descendants), summed."""
-    total = 0
+def descendants(pid: int) -> list[int]:
+    """The server's child processes (its model workers) and theirs."""
+    out = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                out += [int(child), *descendants(int(child))]
+    except FileNotFoundError:  # a process that ended meanwhile
+        pass
+    return out
+
+
+def _own_rss(pid: int) -> int:
     try:
         for line in open(f"/proc/{pid}/status"):
             if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                total += rss(int(child))
-    except FileNotFoundError:  # a process that ended meanwhile
+                return int(line.split()[1]) * 1024
+    except FileNotFoundError:
         pass
-    return total
+    return 0
+
+
+def _own_cpu(pid: int) -> float:
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def rss(pid: int) -> int:
+    """Resident bytes of the server and its model worker processes, summed."""
+    return sum(_own_rss(p) for p in [pid, *descendants(pid)])
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """(the server process's CPU seconds, its worker processes' CPU seconds), user + system."""
-    def own(p):
-        fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-    workers = 0.0
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                workers += sum(cpu_seconds(int(child)))
-        return own(pid), workers
-    except FileNotFoundError:
-        return 0.0, workers
+    return _own_cpu(pid), sum(_own_cpu(p) for p in descendants(pid))
 
 
 def free_port() -> int:
@@ -149,6 +158,13 @@ def probe(port, n_images, stop, out):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         time.sleep(0.05)
     out.put(lat)
+
+
+def latency(answers) -> dict:
+    """[(status, seconds)] -> requests, answered 200, p50 / p99 ms of those."""
+    lat = [t for s, t in answers if s == 200]
+    return {"n": len(answers), "ok": len(lat), "p50_ms": 1000 * statistics.median(lat) if lat else None,
+            "p99_ms": 1000 * pct(lat, 0.99) if lat else None}
 
 
 def client_group(port, captions, n_images, clients, requests, seconds, seed):
@@ -223,12 +239,8 @@ def phase(port, pid, clients, requests, captions, n_images, seconds, processes):
            "server_cpu_ms_per_request": 1000 * (cpu1[0] - cpu0[0]) / max(1, len(results)),
            "worker_cpu_s": cpu1[1] - cpu0[1]}
     for kind in ("cheap", "model"):
-        lat = [t for k, s, t in results if k == kind and s == 200]
-        out[kind] = {"n": sum(1 for k, _, _ in results if k == kind), "ok": len(lat),
-                     "p50_ms": 1000 * statistics.median(lat) if lat else None, "p99_ms": 1000 * pct(lat, 0.99) if lat else None}
-    lat = [t for st, t in probed if st == 200]
-    out["probe"] = {"n": len(probed), "ok": len(lat), "p50_ms": 1000 * statistics.median(lat) if lat else None,
-                    "p99_ms": 1000 * pct(lat, 0.99) if lat else None}
+        out[kind] = latency([(s, t) for k, s, t in results if k == kind])
+    out["probe"] = latency(probed)
     for _, s, _ in results:
         out["statuses"][str(s)] = out["statuses"].get(str(s), 0) + 1
     out["dropped"] = out["statuses"].get("None", 0)
