@@ -140,3 +140,78 @@ def test_a_flipped_bit_in_the_weights_is_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="model weights are corrupted"):
         load_checkpoint(path)
+
+
+class _NotAllowed:
+    """Outside the weights_only allow-list: a checkpoint holding one is refused by the class's name."""
+
+
+def _saved(tmp_path, obj=None, legacy=False) -> bytes:
+    """A tvrn checkpoint's bytes (atomic_save: with model_sha256), or a torch.save of `obj`."""
+    path = tmp_path / "saved.pt"
+    if obj is None:
+        atomic_save({"model": {"w": torch.randn(64, 64)}, "epoch": 2, "config": {"model_name": None}}, path)
+    else:
+        torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+    return path.read_bytes()
+
+
+def _flipped_in_pickle(tmp_path) -> bytes:
+    import io
+    import struct
+    import zipfile
+
+    data = bytearray(_saved(tmp_path))
+    info = next(i for i in zipfile.ZipFile(io.BytesIO(bytes(data))).infolist() if i.filename.endswith("/data.pkl"))
+    n, m = struct.unpack("<HH", bytes(data[info.header_offset + 26:info.header_offset + 30]))
+    data[info.header_offset + 30 + n + m + 3] ^= 0x10  # a byte of the pickle: its CRC-32 no longer matches
+    return bytes(data)
+
+
+CHECKPOINT_BAD_FILES = [  # (id, bytes or a function of tmp_path making them, the phrase the error must hold)
+    ("empty", b"", "is empty (0 bytes)"),
+    ("text", b"epoch: 3\nloss: 0.25\n", "is not a PyTorch checkpoint (it starts with 'epoch: 3\\nloss: 0.25\\n', "
+                                        "a text file?)"),
+    ("binary", bytes(range(1, 40)), "is not a PyTorch checkpoint (it starts with the bytes 01 02 03"),
+    ("first-half", lambda p: (lambda d: d[:len(d) // 2])(_saved(p)),
+     "is truncated or damaged (not a complete zip archive: its central directory"),
+    ("first-half-legacy", lambda p: (lambda d: d[:len(d) // 2])(_saved(p, {"w": torch.ones(500)}, legacy=True)),
+     "is truncated or damaged (its tensor data ends early"),
+    ("first-bytes-legacy", lambda p: _saved(p, {"w": torch.ones(500)}, legacy=True)[:20],
+     "is truncated or damaged (its pickle stream ends early)"),
+    ("refused-class", lambda p: _saved(p, {"model": {}, "extra": _NotAllowed()}),
+     "_NotAllowed`, which is not allowed (only"),
+    ("refused-class-legacy", lambda p: _saved(p, {"extra": _NotAllowed()}, legacy=True),
+     "_NotAllowed`, which is not allowed (only"),
+    ("pickle-byte-flipped", _flipped_in_pickle, "is damaged (its pickle cannot be read: "),
+]
+
+
+@pytest.mark.parametrize("contents,phrase", [c[1:] for c in CHECKPOINT_BAD_FILES],
+                         ids=[c[0] for c in CHECKPOINT_BAD_FILES])
+def test_a_bad_checkpoint_file_is_refused_saying_what_is_wrong_with_it(tmp_path, contents, phrase):
+    from tvrn.convert import ConvertError, load_official
+    from tvrn.train import CheckpointError
+    from tvrn.train.checkpoint import load_model_from_checkpoint
+
+    path = tmp_path / "bad.pt"
+    path.write_bytes(contents(tmp_path) if callable(contents) else contents)
+    for load, error in ((load_checkpoint, CheckpointError), (load_model_from_checkpoint, CheckpointError),
+                        (load_official, ConvertError)):
+        with pytest.raises(error) as caught:
+            load(path)
+        message = str(caught.value)
+        assert isinstance(caught.value, ValueError)  # the CLI's exit-status-2 path
+        assert str(path) in message and phrase in message, message
+        assert "weights_only" not in message and "Traceback" not in message
+
+
+def test_a_good_checkpoint_still_loads_and_a_missing_one_is_file_not_found(tmp_path):
+    path = tmp_path / "good.pt"
+    path.write_bytes(_saved(tmp_path))
+    assert load_checkpoint(path)["epoch"] == 2
+    legacy = tmp_path / "legacy.pt"
+    legacy.write_bytes(_saved(tmp_path, {"w": torch.arange(4)}, legacy=True))
+    assert torch.equal(load_checkpoint(legacy)["w"], torch.arange(4))
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "nope.pt")

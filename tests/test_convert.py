@@ -440,7 +440,7 @@ class Payload:
 def test_unsafe_pickles_are_refused_and_never_run(tmp_path, capsys):
     path = tmp_path / "evil.pth.tar"
     torch.save({"model": [], "opt": Payload()}, path)
-    with pytest.raises(ConvertError, match="not loaded safely"):
+    with pytest.raises(ConvertError, match=r"holds a `(builtins\.)?print`, which is not allowed"):
         load_official(path)
     assert "this must never run" not in capsys.readouterr().out
     np = pytest.importorskip("numpy")
@@ -468,3 +468,176 @@ def test_cli_convert_then_eval_end_to_end(tmp_path, capsys):
     assert "rsum" in capsys.readouterr().out.lower()
     assert main(["convert", "--from", "scan", str(tmp_path / "nope.pth"), "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ VSE-infinity's <mask> word, damaged files
+def test_vse_infty_gru_embedding_with_the_mask_word_its_training_adds(tmp_path):
+    """VSE-infinity's BiGRU training reads the JSON and adds "<mask>": one embedding row more than the JSON's words.
+    The converted vocabulary gets "<mask>" as its last word; the model encodes a caption as the official one."""
+    opt = vse_opt(vocab_size=V + 1)
+    img, txt = vse_parts()
+    txt.embed = randomise(nn.Embedding(V + 1, WD), 11)
+    ckpt = convert_checkpoint("vse_infty", load_official(official_save(tmp_path, [img, txt], opt)), vocab=vocab())
+    assert ckpt["converted_from"]["vocab_added"] == ["<mask>"]
+    converted = Vocabulary.from_json_dict(ckpt["vocab"])
+    assert len(converted) == V + 1 and converted.idx2word[:V] == vocab().idx2word
+    assert converted.idx2word[-1] == "<mask>" and converted.word2idx["<mask>"] == V
+    model, tokenizer = model_from_checkpoint(ckpt)
+    model = model.double().eval()
+    caption = "w0 w5 w17 zebra w3"  # zebra: <unk>
+    ids = vocab().encode(caption)
+    assert tokenizer.encode(caption) == ids
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        got = model.encode_text(TextBatch(tokens=tokens, mask=torch.ones_like(tokens, dtype=torch.bool))).glob
+        out, _ = txt.rnn(txt.embed(tokens))
+        want = l2norm(official_gpo(txt.gpool, (out[:, :, :D] + out[:, :, D:]) / 2, torch.tensor([len(ids)])))
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
+    feats, caps = data(4)
+    caps[1] = torch.tensor([5, V, 9])  # the <mask> row itself
+    scores, _ = tvrn_scores(ckpt, feats, caps)
+    torch.testing.assert_close(scores, official_vse(img, txt, opt, feats, caps), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("source,rows,words", [("vse_infty", V + 2, None), ("scan", V + 1, None),
+                                               ("vse_infty", V + 1, ["<mask>"])],
+                         ids=["vse_infty+2", "scan+1", "vse_infty+1-with-mask"])
+def test_other_vocabulary_size_mismatches_stay_refused(source, rows, words):
+    opt = vse_opt() if source == "vse_infty" else scan_opt()
+    img, txt = vse_parts() if source == "vse_infty" else scan_parts(opt)
+    txt.embed = randomise(nn.Embedding(rows, WD), 11)
+    voc = vocab() if words is None else Vocabulary(vocab().idx2word[:-1] + words)
+    ckpt = {"model": [img.state_dict(), txt.state_dict()], "opt": opt}
+    with pytest.raises(ConvertError, match=rf"the vocabulary has {V} words, the checkpoint's embedding {rows} rows"):
+        convert_checkpoint(source, ckpt, vocab=voc)
+
+
+class Opaque:
+    """A class outside the allow-list: a checkpoint holding one must be refused by the class's name."""
+
+
+def _zip_member(data: bytes, suffix: str) -> int:
+    """Offset of the bytes of the zip member whose name ends with `suffix` (a stored torch zip)."""
+    import io
+    import struct
+    import zipfile
+
+    info = next(i for i in zipfile.ZipFile(io.BytesIO(data)).infolist() if i.filename.endswith(suffix))
+    n, m = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    return info.header_offset + 30 + n + m
+
+
+def _good_bytes(tmp_path, legacy=False) -> bytes:
+    path = tmp_path / "good.pth.tar"
+    torch.save({"model": [{"w": torch.randn(64, 64)}], "epoch": 3}, path,  # what both loaders accept
+               _use_new_zipfile_serialization=not legacy)
+    return path.read_bytes()
+
+
+def _flip_pickle_byte(tmp_path) -> bytes:
+    data = bytearray(_good_bytes(tmp_path))
+    data[_zip_member(bytes(data), "data.pkl") + 2] ^= 0xFF
+    return bytes(data)
+
+
+def _bad_pickle_good_crc(tmp_path) -> bytes:
+    """A zip whose data.pkl has a wrong opcode but a matching CRC: found by the unpickler, not by the zip check."""
+    import io
+    import zipfile
+
+    src, out = zipfile.ZipFile(io.BytesIO(_good_bytes(tmp_path))), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for info in src.infolist():
+            raw = src.read(info)
+            z.writestr(info, raw[:2] + b"\x07" + raw[3:] if info.filename.endswith("data.pkl") else raw)
+    return out.getvalue()
+
+
+def _zip_member_header_damaged(tmp_path) -> bytes:
+    import io
+    import zipfile
+
+    data = bytearray(_good_bytes(tmp_path))
+    info = next(i for i in zipfile.ZipFile(io.BytesIO(bytes(data))).infolist() if i.filename.endswith("data/0"))
+    data[info.header_offset] ^= 0xFF
+    return bytes(data)
+
+
+def _with(obj, **kw):
+    def make(tmp_path) -> bytes:
+        path = tmp_path / "made.pt"
+        torch.save(obj, path, **kw)
+        return path.read_bytes()
+    return make
+
+
+def _half(legacy):
+    def make(tmp_path) -> bytes:
+        data = _good_bytes(tmp_path, legacy)
+        return data[:len(data) // 2]
+    return make
+
+
+def _plain_zip(tmp_path) -> bytes:
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("readme.txt", "not a checkpoint")
+    return out.getvalue()
+
+
+BAD_FILES = [  # (id, file contents or a function of tmp_path that makes them, the phrase the error must hold)
+    ("empty", b"", "is empty (0 bytes)"),
+    ("text", b"hello, this is not a checkpoint\n", "is not a PyTorch checkpoint (it starts with 'hello, this is not a "
+                                                   "che...', a text file?)"),
+    ("png", b"\x89PNG\r\n\x1a\n" + bytes(40), "is not a PyTorch checkpoint (it starts with the bytes 89 50 4e 47"),
+    ("truncated-zip", _half(False), "is truncated or damaged (not a complete zip archive:"),
+    ("truncated-legacy", _half(True), "is truncated or damaged ("),
+    ("zip-entry-header", _zip_member_header_damaged, "is truncated or damaged (not a complete zip archive: the entry"),
+    ("refused-class", _with({"model": [], "opt": Opaque()}), "Opaque`, which is not allowed (only"),
+    ("refused-class-legacy", _with({"model": [], "x": Opaque()}, _use_new_zipfile_serialization=False),
+     "Opaque`, which is not allowed (only"),
+    ("refused-function", _with({"model": [], "opt": Payload()}), "print`, which is not allowed (only"),
+    ("pickle-byte-flipped", _flip_pickle_byte, "is damaged (its pickle cannot be read: Bad CRC-32"),
+    ("pickle-opcode", _bad_pickle_good_crc, "is damaged (its pickle cannot be read: UnpicklingError: Unsupported"),
+    ("plain-pickle", b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01K\x01s.", "is a pickle but not a PyTorch checkpoint"),
+    ("plain-zip", _plain_zip, "is a zip archive but not a PyTorch checkpoint (it has no data.pkl)"),
+]
+
+
+def _bad_file(tmp_path, contents):
+    path = tmp_path / "bad.pth.tar"
+    path.write_bytes(contents(tmp_path) if callable(contents) else contents)
+    return path
+
+
+@pytest.mark.parametrize("contents,phrase", [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
+def test_a_bad_file_is_refused_saying_what_is_wrong_with_it(tmp_path, capsys, contents, phrase):
+    from tvrn.train import CheckpointError, load_checkpoint
+
+    path = _bad_file(tmp_path, contents)
+    for load, error in ((load_official, ConvertError), (load_checkpoint, CheckpointError)):
+        with pytest.raises(error) as caught:
+            load(path)
+        message = str(caught.value)
+        assert isinstance(caught.value, ValueError)
+        assert str(path) in message and phrase in message, message
+        assert "weights_only" not in message and "allowlist" not in message
+        assert caught.value.__cause__ is None
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_cli_convert_of_a_text_file_exits_2_with_the_reason(tmp_path):
+    import subprocess
+    import sys
+
+    path = _bad_file(tmp_path, b"{\"word2idx\": {}}\n")  # e.g. the vocabulary given as the checkpoint
+    run = subprocess.run([sys.executable, "-m", "tvrn.cli", "convert", "--from", "scan", str(path), "--out",
+                          str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert f"tvrn convert: {path} is not a PyTorch checkpoint (it starts with" in run.stderr
+    assert "a text file?" in run.stderr
+    assert "Traceback" not in run.stderr and "weights_only" not in run.stderr
+    assert not (tmp_path / "x.pt").exists()

@@ -88,15 +88,15 @@ import pytest
 import torch
 torch.set_num_threads(1)
 from contextlib import nullcontext
-from global_negatives_case import MODELS, batch_of, build
+from global_negatives_case import CASES, batch_of, build
 from tvrn.train import Trainer, TrainConfig, cleanup_distributed
 
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
 results = {{}}
-for name in MODELS:
-    model = build(name)
-    cfg = TrainConfig(batch_size=8, out_dir=out, tensorboard=False, loss_mode="max", memory_budget_mb=1.0)
+for name, mode, overrides in CASES:
+    model = build(name, **overrides)
+    cfg = TrainConfig(batch_size=8, out_dir=out, tensorboard=False, loss_mode=mode, memory_budget_mb=1.0)
     trainer = Trainer(model, cfg, loader_factory=lambda epoch: [])
     trainer._setup()
     assert trainer._global_negatives()  # on by default under DDP for tvrn models
@@ -130,18 +130,21 @@ def test_global_negatives_two_ranks_equal_one_process_with_the_whole_batch(tmp_p
                            str(script), str(tmp_path)], env=env, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-4000:]
     got = json.loads((tmp_path / "global.json").read_text())
-    for name in case.MODELS:
-        model = case.build(name)
+    for name, mode, overrides in case.CASES:
+        model = case.build(name, **overrides)
         batch = case.batch_of(range(16))
         scores = model(batch.images, batch.texts, memory_budget_mb=1.0)
-        loss = ContrastiveLoss(0.2, "max")(scores.float(), batch.image_ids)  # the trainer's loss is float32
+        loss = ContrastiveLoss(0.2, mode)(scores.float(), batch.image_ids)  # the trainer's loss is float32
         loss.backward()
         assert got[name]["loss"] == pytest.approx(float(loss.detach()), rel=1e-6), name
         for k, p in model.named_parameters():
             if p.grad is None:
                 continue
             g = torch.tensor(got[name]["grads"][k], dtype=p.grad.dtype)
-            assert (g - p.grad).norm() <= 1e-6 * p.grad.norm() + 1e-12, (name, k)
+            # the published loss gives every pair a gradient: sim_eval.bias's (-0.0035) sums B x B terms of about
+            # 1e-2 that cancel, so float32 rounding of the loss (as the trainer computes it) shows there at 5e-7
+            floor = 1e-6 if mode == "published" else 1e-12
+            assert (g - p.grad).norm() <= 1e-6 * p.grad.norm() + floor, (name, k)
 
 
 def test_distributed_eval_equals_one_process(tmp_path):

@@ -26,6 +26,8 @@ def _minilm():
 
 def build(name, **kw):
     kw = {**TINY, **kw}
+    if "published" in name:  # the authors' BatchNorm pooling has a slot per unified region (2R) and cannot take
+        kw.setdefault("image_pool_norm", "layer")  # padded regions; it is tested in tests/test_published*.py
     if "bert" in name:
         path = _minilm()
         if path is None:

@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-SOURCES = ("scan", "sgraf", "vse_infty")
+SOURCES = ("scan", "sgraf", "vse_infty", "tvrn")
 
 
 class ConvertError(ValueError):
@@ -50,16 +50,127 @@ def _safe_globals() -> list:
     return allowed
 
 
-def load_official(path: str | os.PathLike) -> dict:
-    """torch.load(weights_only=True) with the allow-list above -> the checkpoint dict; anything else refused."""
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6: a zip archive (torch.load tells them apart by this)
+_PICKLE_MAGIC = b"\x80"  # the legacy format: a pickle stream (PROTO opcode, protocol >= 2), torch's magic number first
+_HEAD = 64
+
+
+def _first_bytes(head: bytes) -> str:
+    """The start of a file that is no checkpoint, shown safely: as text if it reads as text, else in hex."""
+    text = head.decode("utf-8", errors="replace")
+    if len(head) == _HEAD:
+        text = text.rstrip("\ufffd")  # a character cut at the end of what was read
+    shown = text[:24]
+    if shown and "\ufffd" not in shown and all(c.isprintable() or c in "\t\r\n" for c in shown):
+        return f"it starts with {shown + ('...' if len(text) > 24 else '')!r}, a text file?"
+    return f"it starts with the bytes {head[:12].hex(' ')}{' ...' if len(head) > 12 else ''}"
+
+
+def _check_zip(path, error) -> None:
+    """A torch zip checkpoint: its central directory complete, every entry's header where the directory says, and
+    data.pkl intact (CRC-32; torch checks none). The tensor bytes are left to torch (tvrn's checkpoints: sha256)."""
+    import zipfile
+
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                for info in infos:
+                    f.seek(info.header_offset)
+                    if info.header_offset + info.compress_size > size or f.read(4) != _ZIP_MAGIC:
+                        raise zipfile.BadZipFile(f"the entry {info.filename!r} is cut off or its header damaged")
+            pkl = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+            if not pkl:
+                raise error(f"{path} is a zip archive but not a PyTorch checkpoint (it has no data.pkl)")
+            try:
+                z.read(pkl[0])
+            except (zipfile.BadZipFile, OSError, ValueError) as e:
+                raise error(f"{path} is damaged (its pickle cannot be read: {e})") from None
+    except zipfile.BadZipFile as e:
+        why = "its central directory (the index at the end) is missing" if "not a zip file" in str(e) else str(e)
+        raise error(f"{path} is truncated or damaged (not a complete zip archive: {why})") from None
+
+
+def _check_checkpoint_file(path, error) -> str:
+    """What is wrong with the file at `path`, before torch.load reads it: raises error(message naming the path) for a
+    file that cannot be read, is empty, is neither a zip archive nor a pickle stream, or is a truncated or damaged
+    zip archive. Returns "zip" or "pickle" (the legacy format). A missing file raises FileNotFoundError."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise error(f"{path} cannot be read ({type(e).__name__}: {e.strerror or e})") from None
+    if not head:
+        raise error(f"{path} is empty (0 bytes)")
+    if head.startswith(_ZIP_MAGIC):
+        _check_zip(path, error)
+        return "zip"
+    if head.startswith(_PICKLE_MAGIC):
+        return "pickle"
+    raise error(f"{path} is not a PyTorch checkpoint ({_first_bytes(head)})")
+
+
+def _torch_detail(e: BaseException) -> str:
+    """torch's message, less its advice (weights_only=False, allow-listing, links): the line that says what failed."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    detail = " ".join(lines)[:300]
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+
+
+def _load_failure(path, e: BaseException, allowed: str) -> str:
+    """torch.load's exception -> what is wrong with the file, naming it."""
+    import pickle
+    import re
+    import struct
+
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)  # torch's words for a global it refused
+    if found:
+        return f"{path} holds a `{found.group(1)}`, which is not allowed (only {allowed} are accepted): not loaded"
+    if isinstance(e, EOFError):
+        return f"{path} is truncated or damaged (its pickle stream ends early)"
+    if isinstance(e, RuntimeError) and "unexpected EOF" in text:  # the legacy format's tensor bytes cut off
+        return f"{path} is truncated or damaged (its tensor data ends early: {_torch_detail(e)})"
+    if isinstance(e, RuntimeError) and "Invalid magic number" in text:
+        return f"{path} is a pickle but not a PyTorch checkpoint (torch.save's magic number is missing)"
+    if isinstance(e, RuntimeError) and "PytorchStreamReader" in text:
+        return f"{path} is damaged ({_torch_detail(e)})"
+    if isinstance(e, (pickle.UnpicklingError, UnicodeDecodeError, KeyError, IndexError, struct.error)):
+        return f"{path} is damaged (its pickle cannot be read: {_torch_detail(e)})"
+    return f"{path}: not loaded ({_torch_detail(e)})"
+
+
+def _load_checked(path, error, allowed: str, safe_globals=(), map_location: Any = "cpu") -> Any:
+    """torch.load(path, weights_only=True) after `_check_checkpoint_file`; any failure -> error(message naming the
+    path and what is wrong with the file), never torch's own advice. Used by `load_official` and by
+    `tvrn.train.checkpoint.load_checkpoint`. allowed: the types accepted, in words, for a refused global."""
+    import warnings
+
+    _check_checkpoint_file(path, error)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            with torch.serialization.safe_globals(list(safe_globals)):
+                return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise error(_load_failure(path, e, allowed)) from None
+
+
+def load_official(path: str | os.PathLike) -> dict:
+    """torch.load(weights_only=True) with the allow-list above -> the checkpoint dict; anything else refused, and a
+    file that is empty, truncated, damaged or no checkpoint at all refused saying so."""
+    try:
+        obj = _load_checked(path, ConvertError, "tensors, argparse.Namespace and numpy scalars", _safe_globals())
     except FileNotFoundError:
         raise ConvertError(f"{path}: no such file") from None
-    except Exception as e:  # unpickling refused (a global outside the allow-list) or not a torch file
-        raise ConvertError(f"{path}: not loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
-                           f"only tensors, argparse.Namespace and numpy scalars are accepted") from None
     if not isinstance(obj, dict) or "model" not in obj:
         raise ConvertError(f"{path}: not an official SCAN / SGRAF / VSE-infinity checkpoint (no 'model' entry)")
     return obj
@@ -192,6 +303,28 @@ def _sgraf(parts, opt, path) -> tuple[str, dict, _Mapper]:
     return f"sgraf_{module.lower()}", cfg, m
 
 
+def _tvrn(parts, opt, path) -> tuple[str, dict, _Mapper]:
+    """The TVRN authors' checkpoint (docs/published-tvrn.md I) -> tvrn_{sgr,saf}_published: SGRAF's names plus the
+    context attentions, module 1's and module 2's GRUs; their one attention pair goes to all three of tvrn's."""
+    name, cfg, m = _sgraf(parts, opt, path)
+    bn = parts[2].get("v_global_w.embedding_local.1.weight")
+    cfg.update(shared_attention=True, spatial_score="published", spatial_adjacency="multiply", global_gates=False,
+               image_pool_tokens=int(bn.shape[0]) if bn is not None else 72)
+    for part in ("q", "k"):
+        for k in [k for k in m.src if k.startswith(f"sim.scan_attention.fc{part}.")]:
+            suffix = k[len(f"sim.scan_attention.fc{part}"):]
+            t = m.take(k)
+            for module in ("relational", "text_context", "expand"):  # D: one pair, three uses
+                m.out[f"{module}.{part}{suffix}"] = t
+        m.prefix(f"sim.fc{part}", f"spatial.{part}")
+    for k in [k for k in m.src if k.startswith(("sim.scan_attention.fcv.", "sim.fcv.", "sim.sim_trancon_w."))]:
+        m.drop(k, "never used by the released forward")
+    for official, tvrn in (("sim.img_rnn", "unify_gru"), ("sim.cap_rnn", "refine_gru")):  # one-layer nn.GRU -> GRUCell
+        for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            m.out[f"{tvrn}.{w}"] = m.take(f"{official}.{w}_l0")
+    return name.replace("sgraf_", "tvrn_") + "_published", cfg, m
+
+
 def _vse_infty(parts, opt, path) -> tuple[str, dict, _Mapper]:
     m = _Mapper({"img": parts[0], "txt": parts[1]})
     enc = opt.get("precomp_enc_type", "basic")
@@ -231,9 +364,10 @@ def convert_checkpoint(source: str, ckpt: dict, path: str = "<checkpoint>", voca
     if source not in SOURCES:
         raise ConvertError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
     opt = _opt(ckpt, path)
-    parts = _parts(ckpt, 3 if source == "sgraf" else 2, path)
-    name, cfg, m = {"scan": _scan, "sgraf": _sgraf, "vse_infty": _vse_infty}[source](parts, opt, path)
+    parts = _parts(ckpt, 3 if source in ("sgraf", "tvrn") else 2, path)
+    name, cfg, m = {"scan": _scan, "sgraf": _sgraf, "vse_infty": _vse_infty, "tvrn": _tvrn}[source](parts, opt, path)
     cfg.update(img_dim=int(_need(opt, "img_dim", path)), embed_size=int(_need(opt, "embed_size", path)))
+    vocab_added: list[str] = []  # words the official training adds to the vocabulary JSON it reads
     if name.endswith("_bert"):
         if not bert_path:
             raise ConvertError(f"{path}: a BERT text encoder: give --bert-path (a local folder of the BERT it was "
@@ -247,6 +381,13 @@ def convert_checkpoint(source: str, ckpt: dict, path: str = "<checkpoint>", voca
         if vocab is None:
             raise ConvertError(f"{path}: a GRU text encoder needs its vocabulary: give --vocab (the SCAN-format "
                                f"JSON it was trained with)")
+        if source == "vse_infty" and emb.shape[0] == len(vocab) + 1 and "<mask>" not in vocab:
+            # VSE-infinity's BiGRU training reads the JSON, then adds "<mask>" (its word-masking augmentation) as
+            # the last word: the embedding has that one row more
+            from .data import Vocabulary
+
+            vocab = Vocabulary(list(vocab.idx2word) + ["<mask>"])
+            vocab_added = ["<mask>"]
         if len(vocab) != emb.shape[0]:
             raise ConvertError(f"{path}: the vocabulary has {len(vocab)} words, the checkpoint's embedding "
                                f"{emb.shape[0]} rows: not the vocabulary it was trained with")
@@ -268,11 +409,14 @@ def convert_checkpoint(source: str, ckpt: dict, path: str = "<checkpoint>", voca
         problems.append("shapes that differ: " + "; ".join(shapes))
     if problems:
         raise ConvertError(f"{path}: cannot convert as {source} ({name}): " + " | ".join(problems))
-    state = OrderedDict((k, m.out[k].to(want[k].dtype).clone()) for k in want)
+    # floating tensors keep the checkpoint's precision (a float64 source stays float64: a model built in float64
+    # then loads it exactly); integer buffers take the model's dtype
+    state = OrderedDict((k, (m.out[k] if m.out[k].is_floating_point() else m.out[k].to(want[k].dtype)).clone())
+                        for k in want)
     model.load_state_dict(state)  # strict: a final check
     return {"config": {"model_name": name, "model": asdict(model.config)}, "model": state,
             "vocab": vocab.to_json_dict() if vocab is not None else None,
-            "converted_from": {"source": source, "file": str(path), "dropped": m.dropped,
+            "converted_from": {"source": source, "file": str(path), "dropped": m.dropped, "vocab_added": vocab_added,
                                "epoch": ckpt.get("epoch"), "opt": {k: v for k, v in opt.items()
                                                                    if isinstance(v, (int, float, str, bool))}}}
 

@@ -111,6 +111,49 @@ def score_split(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, de
     return score_all(model, enc_i, enc_t, **kw)
 
 
+def published_adjacency_source(caption_to_image, n_images: int, shard: int = 100) -> torch.Tensor:
+    """The TVRN authors' evaluation gives image k of every image shard of `shard` images the adjacency of the
+    image of caption Nt - shard + k (their last test batch; docs/published-tvrn.md F) -> (n_images,) long: the
+    image whose boxes each image's spatial context uses. Needs n_images and Nt multiples of `shard` (their
+    script only runs then)."""
+    c2i = torch.as_tensor(caption_to_image).long().reshape(-1)
+    nt = len(c2i)
+    if shard < 1 or n_images % shard or nt % shard:
+        raise ValueError(f"the published evaluation protocol scores shards of {shard} images x {shard} captions and "
+                         f"needs image and caption counts that are multiples of {shard}; this split has {n_images} "
+                         f"images and {nt} captions")
+    return c2i[nt - shard + torch.arange(n_images) % shard]  # (n_images,)
+
+
+@torch.no_grad()
+def published_protocol_scores(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, shard: int = 100,
+                              device=None, progress: bool = False) -> torch.Tensor:
+    """The TVRN authors' evaluation of a model, reproduced exactly -> (N_img, N_caps) float32 (the number their
+    script prints; docs/published-tvrn.md E, F): images in shards of `shard`, every caption refined against the
+    first image of each shard (refine_against="first_image", refine_group=shard), and image k of every shard
+    given the adjacency of the images of the split's last `shard` captions. Not a correct evaluation (a pair's
+    score depends on its shard): report it beside `score_split`'s."""
+    from dataclasses import asdict
+
+    from .data import collate_images
+
+    cfg = model.config
+    if not hasattr(model, "anchor_group"):
+        raise ValueError(f"the published evaluation protocol is TVRN's; {cfg.name} does not refine captions")
+    src = published_adjacency_source(split.caption_to_image, split.num_images, shard).numpy()
+    twin = create_model(cfg.name, **{**asdict(cfg), "refine_against": "first_image", "refine_group": shard})
+    twin.load_state_dict(model.state_dict())
+    twin.to(next(model.parameters()).device).eval()
+    bs, thr = int(data.get("eval_batch_size", 128)), float(data.get("adjacency_threshold", 0.2))
+    batches = (collate_images(split.image_features(idx), split.boxes(src[idx]), idx, thr)
+               for idx in (torch.arange(a, min(a + bs, split.num_images)).numpy()
+                           for a in range(0, split.num_images, bs)))
+    enc_i = encode_images(twin, batches, device=device, progress=progress)
+    enc_t = encode_texts(twin, iter_text_batches(split, tokenizer, bs), device=device, progress=progress)
+    return score_all(twin, enc_i, enc_t, block_texts=int(data.get("block_texts", 512)), device=device,
+                     progress=progress)
+
+
 def make_validate(split: PrecompSplit, tokenizer, data: dict) -> Callable[[nn.Module], dict]:
     """validate(model) -> metrics dict with 'rsum', all pairs of the dev split."""
     c2i = torch.as_tensor(split.caption_to_image)
@@ -253,15 +296,18 @@ def load_trained(path: str | os.PathLike, map_location="cpu"):
 def evaluate_checkpoints(
     paths: Sequence[str | os.PathLike], data_root: str | os.PathLike, split: str = "test", protocol: str = "all",
     adjacency_threshold: float = 0.2, eval_batch_size: int = 128, save_scores_to: Optional[str] = None,
-    device=None, progress: bool = False, two_stage: Sequence[tuple[int, int]] = (),
+    device=None, progress: bool = False, two_stage: Sequence[tuple[int, int]] = (), published_protocol: bool = False,
 ) -> dict[str, Any]:
     """Evaluate checkpoints (.pt) and/or saved score matrices (.npy); several are an ensemble (scores averaged).
 
     Returns the metrics of the protocol plus "members" (the inputs) and "split". two_stage: (k_images, k_texts)
     pairs; for one checkpoint, result["two_stage"] lists, per pair, two-stage metrics over all pairs of the split
     (shortlist, then the full score; `tvrn.search.evaluate_two_stage`) next to the exact RSUM, and the fraction of
-    pairs scored.
+    pairs scored. published_protocol: for one TVRN checkpoint, result["published_protocol"] holds the metrics of
+    the authors' evaluation script (`published_protocol_scores`) under the same protocol, beside the correct ones.
     """
+    if published_protocol and (len(paths) != 1 or str(paths[0]).endswith(".npy")):
+        raise ValueError("--published-protocol needs exactly one TVRN checkpoint (.pt): it re-scores with the model")
     if two_stage and (len(paths) != 1 or str(paths[0]).endswith(".npy")):
         raise ValueError("two-stage evaluation needs exactly one checkpoint (.pt): it re-scores shortlists with the model")
     data_split = load_split(data_root, split)
@@ -282,6 +328,9 @@ def evaluate_checkpoints(
                 if two_stage else None
             matrices.append(score_split(model, data_split, tokenizer, data, device=device, progress=progress,
                                         encoded=encoded))
+            if published_protocol:
+                published = published_protocol_scores(model, data_split, tokenizer, data, device=device,
+                                                      progress=progress)
             if two_stage:
                 from .search import evaluate_two_stage
                 rows = [{k: v for k, v in r.items() if k != "exact"}
@@ -295,4 +344,6 @@ def evaluate_checkpoints(
     result["split"] = split
     if rows is not None:
         result["two_stage"] = rows
+    if published_protocol:
+        result["published_protocol"] = evaluate_protocol(published, c2i, protocol)
     return result

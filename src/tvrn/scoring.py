@@ -173,6 +173,15 @@ def _pairs_per_block(model: nn.Module, enc_images: Any, enc_texts: Any, memory_b
     return max(1, int(memory_budget_mb * 2**20) // per_pair)
 
 
+def anchor_group(model: nn.Module, enc_texts: Any) -> Optional[int]:
+    """Images per block when the model refines each caption against its block's first image (TVRN with
+    refine_against="first_image", the published computation) and the captions are not refined yet; else None.
+    score_all then scores image chunks of exactly this many images, starting at its multiples (the authors'
+    evaluation shards), so that a score does not depend on the memory budget."""
+    group = getattr(model, "anchor_group", None)
+    return group if group and getattr(enc_texts, "anchored", None) is None else None
+
+
 def _max_block_images(model: nn.Module, ni: int, block_images: int) -> int:
     pref = getattr(model, "preferred_block", None)  # (Bi, Bt) at which the model runs fastest (cache sizes)
     return ni if pref is None else min(block_images, pref[0])
@@ -199,6 +208,10 @@ def plan_blocks(
     ni, nt = len(enc_images), len(enc_texts)
     bi, bt = max(1, min(block_images, ni)), max(1, min(block_texts, nt))
     pairs = _pairs_per_block(model, enc_images, enc_texts, memory_budget_mb)
+    group = anchor_group(model, enc_texts)
+    if group is not None:  # image chunks fixed by the model; the budget sizes the caption blocks
+        bi = min(group, ni)
+        return bi, bt if pairs is None else max(1, min(block_texts, nt, pairs // bi))
     if pairs is None:
         return bi, bt
     pref = getattr(model, "preferred_block", None)
@@ -284,7 +297,8 @@ def block_plan(
     plan = []  # (p0, p1, n or None, Bi): caption positions in visiting order, their length, images per block
     for p0, p1 in _caption_blocks(nt, bt, lengths):
         n, bi_block = None if lengths is None else int(lengths[p0]), bi
-        if n is not None:  # captions of one length n: cut to n words and fill the budget at n
+        if n is not None and anchor_group(model, enc_texts) is None:  # captions of one length n: cut to n words
+            # and fill the budget at n
             first = int(order[p0]) if order is not None else p0
             pairs = _pairs_per_block(model, enc_images, enc_texts[first].trim(n), memory_budget_mb)
             if pairs is not None:

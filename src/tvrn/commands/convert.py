@@ -1,4 +1,4 @@
-"""`tvrn convert --from scan|sgraf|vse_infty CHECKPOINT --out tvrn.pt`: a published checkpoint as a tvrn one."""
+"""`tvrn convert --from scan|sgraf|vse_infty|tvrn CHECKPOINT --out tvrn.pt`: a published checkpoint as a tvrn one."""
 from __future__ import annotations
 
 import argparse
@@ -7,13 +7,14 @@ import sys
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "convert", help="convert a published SCAN / SGRAF / VSE-infinity checkpoint to a tvrn checkpoint",
+        "convert", help="convert a published SCAN / SGRAF / VSE-infinity / TVRN checkpoint to a tvrn checkpoint",
         description="Read an official checkpoint (loaded safely: tensors, argparse.Namespace and numpy scalars "
                     "only), map every tensor to tvrn's names, set the model config from its 'opt', and write a "
                     "tvrn checkpoint that `tvrn eval` and `tvrn index` read. A tensor left over or missing is "
                     "refused by name.")
     p.add_argument("checkpoint", help="the official checkpoint (model_best.pth.tar, ...)")
-    p.add_argument("--from", dest="source", required=True, choices=["scan", "sgraf", "vse_infty"])
+    p.add_argument("--from", dest="source", required=True, choices=["scan", "sgraf", "vse_infty", "tvrn"],
+                   help="whose code wrote it: SCAN, SGRAF, VSE-infinity, or the TVRN authors' (-> tvrn_*_published)")
     p.add_argument("--vocab", help="the vocabulary JSON it was trained with (GRU text encoders)")
     p.add_argument("--bert-path", help="local folder of its BERT (VSE-infinity's BERT variant)")
     p.add_argument("--out", required=True, help="tvrn checkpoint to write")

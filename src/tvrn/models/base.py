@@ -96,7 +96,7 @@ def inference_gram(x: torch.Tensor) -> Optional[torch.Tensor]:
     return None if torch.is_grad_enabled() else gram(x)
 
 
-WORD_AXIS_FIELDS = ("words", "mask", "ctx_queries", "refined", "refined_local", "drop_local")  # dim 1 is L
+WORD_AXIS_FIELDS = ("words", "mask", "ctx_queries", "refined", "refined_local", "drop_local", "anchored")  # dim 1: L
 
 
 @dataclass
@@ -114,6 +114,9 @@ class EncodedTexts(_Encoded):
     drop_local: (Nt, L, D) dropout keep-mask of the text pooling's local embedding of the second half of T_ref
                 (per pair work), drawn once per caption in training; None in eval mode or without dropout
     drop_glob:  (Nt, D) dropout keep-mask of the text pooling's guide vector of the per-pair t_glo, or None
+    anchored:   (Nt, L, D) second half of T_ref refined against one anchor image for every pair (TVRN with
+                refine_against="first_image", the published computation: the first image of the block), or None
+    anchored_glob: (Nt, D) t_glo of that refinement, or None
     """
 
     words: torch.Tensor
@@ -125,6 +128,8 @@ class EncodedTexts(_Encoded):
     refined_local: Optional[torch.Tensor] = None
     drop_local: Optional[torch.Tensor] = None
     drop_glob: Optional[torch.Tensor] = None
+    anchored: Optional[torch.Tensor] = None
+    anchored_glob: Optional[torch.Tensor] = None
 
     def trim(self, n: int) -> "EncodedTexts":
         """Keep the first n word positions of every field with a word axis (dim 1)."""
@@ -187,6 +192,12 @@ class RetrievalModel(nn.Module):
         (computed here without gradients); identity by default."""
         return images
 
+    def anchor_texts(self, images: EncodedImages, texts: EncodedTexts) -> EncodedTexts:
+        """Caption encodings completed with any work that depends on the block's images as a whole rather than on
+        each pair (TVRN's first-image refinement, refine_against="first_image": against images[0]); identity for
+        every model whose scores are per pair. forward applies it to the whole batch before scoring."""
+        return texts
+
     def _train_scores(self, enc_i, enc_t, memory_budget_mb, dense_gradient) -> torch.Tensor:
         if memory_budget_mb is not None and self.blocked_training and torch.is_grad_enabled():
             from ..scoring import score_all_train
@@ -211,12 +222,15 @@ class RetrievalModel(nn.Module):
 
             all_i, offset = gather_encoded(enc_i)
             all_t, _ = gather_encoded(enc_t)
+            # block-level work against the global batch (its first image), as one process would compute it
+            enc_t, all_t = self.anchor_texts(all_i, enc_t), self.anchor_texts(all_i, all_t)
             out = (self._train_scores(enc_i, all_t, memory_budget_mb, dense_gradient),
                    self._train_scores(all_i, enc_t, memory_budget_mb, dense_gradient), offset)
             if return_shortlist:
                 out += (self.shortlist_embed_image(enc_i) @ self.shortlist_embed_text(all_t).t(),
                         self.shortlist_embed_image(all_i) @ self.shortlist_embed_text(enc_t).t())
             return out
+        enc_t = self.anchor_texts(enc_i, enc_t)  # the batch is one block
         scores = self._train_scores(enc_i, enc_t, memory_budget_mb, dense_gradient)
         if not return_shortlist:
             return scores

@@ -17,6 +17,9 @@ _CHOICES = {
     "pool": ("mean", "max", "gpo"),
     "attention_norm": ("clipped_l2norm", "l2norm", "softmax", "l1norm", "clipped_l1norm", "clipped", "no_norm"),
     "image_pool_norm": ("layer", "batch"),
+    "spatial_score": ("cosine", "published"),
+    "spatial_adjacency": ("mask", "multiply"),
+    "refine_against": ("pair", "first_image"),
 }
 
 
@@ -64,6 +67,20 @@ class ModelConfig:
     refine_text: bool = True         # module 2: per-pair expanded + refined TRs; off: T_ref = T
     global_gates: bool = True        # module 3: word-to-region attention re-weighted by gate_r from g
     gate_lambda: Optional[float] = None  # module 3's lambda in gate_r = softmax_r(lambda <U_r, g>); None: lambda_softmax
+    # TVRN as the authors' released code computes it (docs/published-tvrn.md); the defaults are the designed model.
+    # The published model is these four switches plus global_gates=False (its gates are all ones):
+    spatial_score: str = "cosine"    # spatial relation score of regions i (source) and j (query): "cosine" of the
+                                     # projections; "published": <k_i, q_j> / (|q_j| |k_j|) (the key norm taken at j)
+    spatial_adjacency: str = "mask"  # "mask": regions that do not overlap (IoU < threshold) get no spatial weight;
+                                     # "multiply": their score is multiplied by 0 and they keep softmax weight exp(0)
+    shared_attention: bool = False   # one projection pair (tied in training) for the relational context, the
+                                     # caption self-context and module 2's expansion (state dict names stay separate)
+    refine_against: str = "pair"     # module 2 refines a caption against "pair": the image it is scored with (the
+                                     # design); "first_image": the first image of its block (the training batch;
+                                     # in score_all, image chunks of refine_group). Exact reproduction ONLY: a pair's
+                                     # score then depends on which images share its block and on their order
+    refine_group: int = 100          # images per block under refine_against="first_image" (the authors' evaluation
+                                     # shards of 100 images)
 
     def __post_init__(self):
         for key, allowed in _CHOICES.items():
@@ -71,6 +88,8 @@ class ModelConfig:
                 raise ValueError(f"model config {key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
         if self.embed_size <= 0 or self.sim_dim <= 0 or self.img_dim <= 0:
             raise ValueError("model config sizes img_dim, embed_size, sim_dim must be positive")
+        if self.refine_group < 1:
+            raise ValueError(f"model config refine_group={self.refine_group}: must be at least 1")
 
     @property
     def needs_context(self) -> bool:

@@ -74,25 +74,39 @@ def attention_weights(scores: torch.Tensor, mask: torch.Tensor, lam: float,
 
 
 class Attention(nn.Module):
-    """Attn(Q, C) of DESIGN section 3 within one sequence set (relational / textual context).
+    """Attn(Q, C) of docs/models.md within one sequence set (relational / textual context).
 
     queries (B, Lq, D), context (B, Lc, D), mask (B, Lq, Lc) -> (B, Lq, D), unit length:
     s[i, j] = <Wk C_j, Wq Q_i>, weights by `attention_weights`, output_i = l2(sum_j a[i, j] C_j).
-    With cosine=True the projected vectors are l2-normalised first (scores are cosines; spatial context).
+    score: "dot" (as above); "cosine" (the projections l2-normalised first: the designed spatial context);
+    "published" (the TVRN authors' spatial score, self-attention only: <Wk C_j, Wq Q_i> / (max(|q_i|, 1e-8)
+    max(|k_i|, 1e-8)), the key's norm taken at the QUERY's index i; docs/published-tvrn.md A).
     """
 
-    def __init__(self, dim: int, lam: float, cosine: bool = False):
+    SCORES = ("dot", "cosine", "published")
+
+    def __init__(self, dim: int, lam: float, cosine: bool = False, score: str | None = None):
         super().__init__()
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.lam = lam
-        self.cosine = cosine
+        self.score = score or ("cosine" if cosine else "dot")
+        if self.score not in self.SCORES:
+            raise ValueError(f"unknown attention score {self.score!r}, expected one of {self.SCORES}")
 
-    def forward(self, queries, context, mask):
+    def forward(self, queries, context, mask, weight: torch.Tensor | None = None):
+        """weight: (B, Lq, Lc) factor applied to the raw scores before normalisation (the published spatial
+        context's adjacency, which multiplies instead of masking), or None."""
         q, k = self.q(queries), self.k(context)  # (B, Lq, D), (B, Lc, D)
-        if self.cosine:
+        if self.score == "cosine":
             q, k = l2norm(q), l2norm(k)
         s = q @ k.transpose(1, 2)  # (B, Lq, D) @ (B, D, Lc) -> (B, Lq, Lc)
+        if self.score == "published":
+            if q.shape[1] != k.shape[1]:
+                raise ValueError("the published spatial score needs self-attention (as many queries as context items)")
+            s = s / (q.norm(dim=-1).clamp_min(EPS) * k.norm(dim=-1).clamp_min(EPS)).unsqueeze(-1)  # (B, Lq, 1)
+        if weight is not None:
+            s = s * weight
         a = attention_weights(s, mask, self.lam)  # (B, Lq, Lc)
         return l2norm(a @ context)  # (B, Lq, Lc) @ (B, Lc, D) -> (B, Lq, D)
 

@@ -7,6 +7,11 @@ from .tvrn import TVRN
 from .vse import VSE, VSEGPO
 
 _SGRAF = dict(relational_context=False, spatial_context=False, unify=False, refine_text=False, global_gates=False)
+# TVRN as the authors' released code computes it (docs/published-tvrn.md A-D; their gates are all ones, C), with
+# their 72-slot BatchNorm image pooling and dropout. Captions are refined per pair; refine_against="first_image"
+# adds E (exact reproduction of their training step and evaluation only).
+PUBLISHED = dict(spatial_score="published", spatial_adjacency="multiply", global_gates=False, shared_attention=True,
+                 image_pool_norm="batch", image_pool_tokens=72, word_dropout=0.4, dropout=0.4)
 
 
 @register_model("tvrn_sgr")
@@ -25,6 +30,25 @@ def tvrn_saf(**kw):
 def tvrn_sgr_bert(**kw):
     """TVRN with a BERT-style text encoder (set bert_path to a local folder offline)."""
     return TVRN(make_config("tvrn_sgr_bert", dict(reasoning="sgr", text_encoder="bert"), kw))
+
+
+@register_model("tvrn_sgr_published")
+def tvrn_sgr_published(**kw):
+    """TVRN SGR as the authors' released code computes it (the published numbers' model; their checkpoint converts
+    to it). image_pool_tokens must be 2 x the regions (72 for 36)."""
+    return TVRN(make_config("tvrn_sgr_published", dict(PUBLISHED, reasoning="sgr"), kw))
+
+
+@register_model("tvrn_saf_published")
+def tvrn_saf_published(**kw):
+    """TVRN SAF as the authors' released code computes it."""
+    return TVRN(make_config("tvrn_saf_published", dict(PUBLISHED, reasoning="saf"), kw))
+
+
+@register_model("tvrn_sgr_published_bert")
+def tvrn_sgr_published_bert(**kw):
+    """TVRN SGR as published, with a BERT-style text encoder (their BERT rows)."""
+    return TVRN(make_config("tvrn_sgr_published_bert", dict(PUBLISHED, reasoning="sgr", text_encoder="bert"), kw))
 
 
 @register_model("sgraf_sgr")

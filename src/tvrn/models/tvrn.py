@@ -55,15 +55,17 @@ class TVRN(RetrievalModel):
         self.reason = GraphReasoning(S, c.sgr_steps) if c.reasoning == "sgr" else AttentionFiltration(S)
         self.sim_eval = nn.Linear(S, 1)
         # TVRN: context IRs (only used by modules 1 and 2)
+        shared = Attention(D, c.lambda_softmax) if c.shared_attention else None  # the published model's one pair
         if c.needs_context and c.relational_context:
-            self.relational = Attention(D, c.lambda_softmax)
+            self.relational = shared or Attention(D, c.lambda_softmax)
         if c.needs_context and c.spatial_context:
-            self.spatial = Attention(D, c.lambda_softmax, cosine=True)
+            self.spatial = Attention(D, c.lambda_softmax, score=c.spatial_score if c.spatial_score == "published"
+                                     else "cosine")
         if c.unify:  # module 1
             self.unify_gru = nn.GRUCell(D, D)
         if c.refine_text:  # module 2
-            self.text_context = Attention(D, c.lambda_softmax)
-            self.expand = Attention(D, c.lambda_softmax)
+            self.text_context = shared or Attention(D, c.lambda_softmax)
+            self.expand = shared or Attention(D, c.lambda_softmax)
             self.refine_gru = nn.GRUCell(D, D)
         for name, module in self.named_children():  # SGRAF's Xavier init, except the (maybe pretrained) text encoder
             if name != "txt_enc":
@@ -79,7 +81,11 @@ class TVRN(RetrievalModel):
             if adjacency is None:
                 raise ValueError("spatial_context needs images.adjacency (region boxes); "
                                  "build the model with spatial_context=False for data without boxes")
-            parts.append(self.spatial(V, V, spatial_mask(adjacency, mask)))  # (Ni, R, D)
+            adj = spatial_mask(adjacency, mask)  # (Ni, R, R) overlapping real regions, diagonal True
+            if self.config.spatial_adjacency == "multiply":  # published: scores of the others times 0, kept
+                parts.append(self.spatial(V, V, pair_mask(mask, mask), weight=adj.to(V.dtype)))  # (Ni, R, D)
+            else:
+                parts.append(self.spatial(V, V, adj))  # (Ni, R, D)
         if not parts:
             return V
         return l2norm(sum(parts) / len(parts)) * mask.unsqueeze(-1)
@@ -162,11 +168,29 @@ class TVRN(RetrievalModel):
         t_glo = self.text_pool(T_ref, tmask, local=local, drop_glob=T.drop_glob)  # (*lead, D)
         return T_ref, tmask, t_glo
 
+    @property
+    def anchor_group(self):
+        """Images per block whose first image refines every caption (refine_against="first_image"; score_all
+        then scores image chunks of exactly this many, aligned to its multiples), or None (per-pair refinement)."""
+        c = self.config
+        return c.refine_group if c.refine_text and c.refine_against == "first_image" else None
+
+    def anchor_texts(self, images: EncodedImages, texts: EncodedTexts) -> EncodedTexts:
+        """First-image refinement (the published computation, docs/published-tvrn.md E): module 2 refines every
+        caption against images[0] only -> texts with `anchored` (Nt, L, D) and `anchored_glob` (Nt, D) set, which
+        every pair of the block then uses. Identity for per-pair refinement or texts already anchored."""
+        if self.anchor_group is None or texts.anchored is not None or len(images) == 0:
+            return texts
+        T_ref, _, t_glo = self._refine(images[:1], texts, (len(texts),))  # (Nt, 2L, D), (Nt, D) or None
+        return replace(texts, anchored=T_ref[:, texts.words.shape[1]:], anchored_glob=t_glo)
+
     def score(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
         """(Ni, Nt) scores in (0, 1), rows images, columns captions.
 
         Inference (eval mode, no grad) takes the fast path when every caption's mask is a prefix; otherwise
-        (training, odd masks) the plain path. Both compute the same function (tests/test_models.py)."""
+        (training, odd masks) the plain path. Both compute the same function (tests/test_models.py).
+        With refine_against="first_image" the captions are refined against images[0] (`anchor_texts`)."""
+        texts = self.anchor_texts(images, texts)
         if self.training or torch.is_grad_enabled():
             return self._score_plain(images, texts)
         groups = texts.length_groups()
@@ -191,7 +215,10 @@ class TVRN(RetrievalModel):
         """DESIGN 3's pair side for broadcastable image / caption fields -> scores (*lead)."""
         c = self.config
         U, umask, g = I.units, I.units_mask, I.glob  # (.., R', D), (.., R'), (.., D)
-        if c.refine_text:
+        if c.refine_text and T.anchored is not None:  # refined once against the block's first image
+            T_ref = torch.cat([T.refined, T.anchored], -2)  # (.., 2L, D)
+            tmask, t_glo = torch.cat([T.mask, T.mask], -1), T.anchored_glob  # (.., 2L), (.., D) or None
+        elif c.refine_text:
             T_ref, tmask, t_glo = self._refine(I, T, lead)  # (*lead, L', D), (.., L'), (*lead, D)
         else:
             T_ref, tmask, t_glo = T.words, T.mask, T.glob  # (.., L, D), (.., L), (.., D)
@@ -263,7 +290,10 @@ class TVRN(RetrievalModel):
         umask = None if bool(images.units_mask.all()) else images.units_mask  # (Ni, R') or None
         G = images.units_gram if images.units_gram is not None else gram(U)  # (Ni, R', R')
         rmask = None if bool(images.mask.all()) else images.mask  # (Ni, R) or None
-        if c.refine_text:
+        if c.refine_text and texts.anchored is not None:  # T_ref and t_glo per caption (first-image refinement)
+            halves = [texts.refined, texts.anchored]  # 2 x (Nt, n, D)
+            t_glo = texts.anchored_glob[None] if c.global_node else None  # (1, Nt, D)
+        elif c.refine_text:
             second = self._refine_dense(images, texts, rmask)  # (Ni, Nt, n, D)
             halves = [texts.refined, second]  # T_ref = [first (Nt, n, D) per caption; second per pair]
             t_glo = self._text_global_dense(texts, second) if c.global_node else None  # (Ni, Nt, D)
@@ -285,7 +315,8 @@ class TVRN(RetrievalModel):
         scale = c.lambda_softmax / norm.add_(EPS)  # (Ni, R', Nt, 1)
         glob, local = None, []  # global node (Ni, Nt, S); local similarities before their l2 norm
         if c.global_node:  # (g - t_glo)^2 in one pass: into t_glo when it is per pair (module 2), else a new tensor
-            sq = t_glo if c.refine_text else t_glo.new_empty(Ni, Nt, D)  # (Ni, Nt, D); never the caption encodings
+            per_pair = c.refine_text and texts.anchored is None  # t_glo (Ni, Nt, D) made for this call
+            sq = t_glo if per_pair else t_glo.new_empty(Ni, Nt, D)  # (Ni, Nt, D); never the caption encodings
             glob = l2norm(self.sim_global(squared_difference(g[:, None], t_glo, out=sq)))  # (Ni, Nt, S)
         for x, sx in zip(halves, ss):
             logits = sx.mul_(scale)  # (Ni, R', Nt, n)

@@ -2,7 +2,7 @@
 
 The library (`tvrn.models`, `tvrn.scoring`, `tvrn.metrics`, `tvrn.evaluation`) imports without this package.
 """
-from .checkpoint import atomic_save, load_checkpoint, load_model_from_checkpoint
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model_from_checkpoint
 from .distributed import DistInfo, cleanup_distributed, dist_info, init_distributed
 from .schedule import lr_at
 from .trainer import Trainer, TrainConfig, configure_determinism, seed_everything
@@ -15,6 +15,7 @@ __all__ = [
     "lr_at",
     "atomic_save",
     "load_checkpoint",
+    "CheckpointError",
     "load_model_from_checkpoint",
     "DistInfo",
     "init_distributed",

@@ -63,14 +63,23 @@ def save_model(path: str | os.PathLike, model_name: str, model, vocab=None) -> N
     atomic_save(obj, path)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded; the message names the file and what is wrong with it."""
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """torch.load(path, weights_only=True): plain tensors, dicts, lists and numbers only. A checkpoint written
-    with a "model_sha256" is refused when its weights no longer match it."""
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    with a "model_sha256" is refused when its weights no longer match it. A file that is empty, truncated, damaged,
+    no checkpoint at all or holds anything else raises `CheckpointError` (a ValueError) saying so; a missing one
+    FileNotFoundError."""
+    from ..convert import _load_checked  # the file checks shared with `tvrn convert`
+
+    obj = _load_checked(path, CheckpointError, "tensors, dicts, lists, numbers and strings",
+                        map_location=map_location)
     if isinstance(obj, dict) and obj.get("model_sha256") and isinstance(obj.get("model"), dict):
         if state_digest(obj["model"]) != obj["model_sha256"]:
-            raise ValueError(f"{path}: the model weights are corrupted (their sha256 differs from the one saved "
-                             f"with them)")
+            raise CheckpointError(f"{path}: the model weights are corrupted (their sha256 differs from the one "
+                                  f"saved with them)")
     return obj
 
 
