@@ -9,6 +9,9 @@ Two suites, each a grid of (configuration, seed) runs; every finished run is app
   bag-of-regions dual encoder: a mean of per-region embeddings, each region contributing on its own).
 - study: TVRN (SGR); TVRN with each of spatial context, relational context, module 1, module 2 and module 3's
   gates switched off alone; SGRAF (SGR); SCAN t2i; VSE.
+- published: TVRN as the authors' released code computes it (A-D, captions refined per pair), the same with
+  their first-image refinement (E; evaluated as their script does, in blocks of 100 images), and TVRN (designed)
+  and SGRAF trained with the authors' loss (G: clamped cross-entropy over all negatives, batch mean).
 - twins: the training signal. A uniform shuffle rarely puts both twins of a pair in one batch, so the loss
   rarely asks for binding; here `train.partner_file` (the twins of the train split) keeps them together.
 
@@ -37,6 +40,10 @@ import numpy as np
 import torch
 
 TVRN = ["model.name=tvrn_sgr"]
+# TVRN as the authors' code computes it (docs/published-tvrn.md A-D), on the benchmark's 12 regions (BatchNorm pooling
+# over 24 slots), word dropout as in the other runs (0); and the authors' loss (G) on the designed models
+PUBLISHED = ["model.name=tvrn_sgr_published", "model.image_pool_tokens=24", "model.word_dropout=0.0"]
+PUBLISHED_LOSS = ["train.loss_mode=published", "train.loss_exclude_same_image=false", "train.loss_reduction=mean"]
 SUITES = {
     "probe": {  # next to the study's VSE, SCAN t2i, TVRN and TVRN w/o spatial context on the benchmark itself
         "VSE, merged evidence": ["model.name=vse", "@merged"],
@@ -49,6 +56,12 @@ SUITES = {
         "SGRAF (SGR), twin batches": ["model.name=sgraf_sgr", "@partners"],
         "SCAN t2i, twin batches": ["model.name=scan_t2i", "@partners"],
         "VSE, twin batches": ["model.name=vse", "@partners"],
+    },
+    "published": {  # does the computation or the loss that produced the published numbers change the verdict?
+        "TVRN as published": PUBLISHED,
+        "TVRN as published, first-image refinement": PUBLISHED + ["model.refine_against=first_image"],
+        "TVRN, published loss": TVRN + PUBLISHED_LOSS,
+        "SGRAF (SGR), published loss": ["model.name=sgraf_sgr"] + PUBLISHED_LOSS,
     },
     "study": {
         "TVRN": TVRN,
@@ -148,7 +161,7 @@ def one_run(a, suite: str, name: str, seed: int) -> dict:
         "t2i_by_group": {g: {**rank_metrics(ranks[torch.as_tensor(idx)], "t2i"), "captions": len(idx)}
                          for g, idx in caption_groups(root, "test").items()},
         "train": {k: cfg["train"][k] for k in ("epochs", "lr", "lr_milestones", "lr_gamma", "patience", "batch_size",
-                                               "loss_mode")},
+                                               "loss_mode", "loss_reduction", "loss_exclude_same_image")},
     }
 
 
@@ -239,7 +252,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    suites = [s for s in ("study", "probe", "twins") if any(r["suite"] == s for r in rows)]
+    suites = [s for s in ("study", "published", "probe", "twins") if any(r["suite"] == s for r in rows)]
     fig, axes = plt.subplots(1, len(suites), figsize=(6.5 * len(suites), 4.6), dpi=110, squeeze=False)
     for ax, suite in zip(axes[0], suites):
         for k, name in enumerate(SUITES[suite]):
@@ -263,7 +276,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", nargs="*", default=["study", "probe", "twins"], choices=list(SUITES))
+    ap.add_argument("--suite", nargs="*", default=["study", "published", "probe", "twins"], choices=list(SUITES))
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each by default)")
     ap.add_argument("--threads", type=int, default=1)
