@@ -2,7 +2,10 @@
 
 D=1024, S=256, Dv=2048, R=36, caption lengths uniform in 7..17 (Flickr30K-like), random weights, CPU fp32, a
 batch of B pairs (caption b belongs to image b), the (B, B) ranking loss (default: VSE++ hardest negative, the
-loss SCAN, SGRAF and TVRN train with), backward, Adam step. For each model and batch size, each side in a fresh
+loss SCAN and SGRAF train with and tvrn's presets default to; `--loss published`: the TVRN authors' clamped
+cross-entropy over all negatives, batch mean, whose gradient is dense early in training), backward, Adam step.
+Model names are registered names, or `tvrn_sgr_published_first`: TVRN as published with its first-image
+refinement (docs/published-tvrn.md E; the authors' cost model: each caption refined once per batch). For each model and batch size, each side in a fresh
 process:
 
 - tvrn:      `model(images, texts, memory_budget_mb=BUDGET)`, as `tvrn train` runs it (tvrn.scoring.score_all_train:
@@ -11,7 +14,8 @@ process:
 - plain:     `model(images, texts)`, tvrn's path before score_all_train (all pairs' activations kept, padded);
 - reference: written the way the field's code trains (SCAN, SGRAF, VSE++ style): a Python loop over captions,
              each caption cut to its length and scored against all images of the batch with the plain equations
-             (`_score_plain`), plain autograd through everything.
+             (`_score_plain`; with first-image refinement the caption is refined once against the batch's first
+             image, as the authors' code does), plain autograd through everything.
 
 Reported per side: pairs/s (B^2 / median step time of --steps steps after a warm-up), training FLOPs per pair
 (forward + backward, counted with torch.utils.flop_counter on the warm-up step), share of this machine's 4096^2
@@ -45,6 +49,7 @@ from tvrn.losses import ContrastiveLoss  # noqa: E402
 from tvrn.train.trainer import ScorePath  # noqa: E402
 
 MODELS = ["tvrn_sgr", "sgraf_sgr", "sgraf_saf", "scan_t2i", "scan_i2t", "vse"]
+VARIANTS = {"tvrn_sgr_published_first": ("tvrn_sgr_published", {"refine_against": "first_image"})}
 OFFICIAL_TVRN = (160.0, 185.0)  # the official TVRN code's training pairs/s at batch 64-128 at 185 GFLOP/s (issue 10)
 
 
@@ -60,7 +65,7 @@ def reference_scores(model, enc_i, enc_t):
     cols = []
     for c in range(len(enc_t)):
         cap = enc_t[c : c + 1]
-        cap = cap.trim(int(cap.mask.sum()))
+        cap = model.anchor_texts(enc_i, cap.trim(int(cap.mask.sum())))  # first-image refinement: once per caption
         cols.append(model._score_plain(enc_i, cap) if hasattr(model, "_score_plain") else enc_i.glob @ cap.glob.t())
     return torch.cat(cols, 1)  # (B, B)
 
@@ -92,10 +97,14 @@ def worker(a) -> dict:
     torch.set_num_threads(a.threads)
     name, B, side = a.worker
     B = int(B)
-    model = build(name).train()
+    base_name, overrides = VARIANTS.get(name, (name, {}))
+    model = build(base_name).train()
+    for k, v in overrides.items():
+        setattr(model.config, k, v)
     images, texts = make_data(B, B, seed=1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
-    loss_fn = ContrastiveLoss(0.2, a.loss)
+    loss_fn = ContrastiveLoss(0.2, a.loss, reduction="mean" if a.loss == "published" else "sum",
+                              exclude_same_image=a.loss != "published")  # published: the authors' recipe
     ids = torch.arange(B)
     path = ScorePath(a.budget if side == "tvrn" and model.blocked_training else None, sparse_loss=a.loss == "max")
     stages = Stages(False)
@@ -111,8 +120,8 @@ def worker(a) -> dict:
                 S = reference_scores(model, enc_i, enc_t)
             else:
                 kw = path.forward_kwargs(False)
-                if kw and model.blocked_training:
-                    S = scoring.score_all_train(model, enc_i, enc_t, **kw)
+                if kw and model.blocked_training:  # as model.forward does: the batch is one block
+                    S = scoring.score_all_train(model, enc_i, model.anchor_texts(enc_i, enc_t), **kw)
                 else:
                     S = model.score(enc_i, enc_t)
         path.watch(S)
@@ -187,7 +196,7 @@ def main():
     ap.add_argument("--models", nargs="*", default=MODELS)
     ap.add_argument("--batches", nargs="*", type=int, default=[32, 64, 128])
     ap.add_argument("--sides", nargs="*", default=["tvrn", "plain", "reference"])
-    ap.add_argument("--loss", default="max", choices=["max", "sum", "smooth"])
+    ap.add_argument("--loss", default="max", choices=["max", "sum", "smooth", "published"])
     ap.add_argument("--budget", type=float, default=512.0, help="train.memory_budget_mb of the tvrn side")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)

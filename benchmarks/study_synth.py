@@ -130,7 +130,7 @@ def one_run(a, suite: str, name: str, seed: int) -> dict:
     from tvrn.demo import read_curve, twin_accuracy
     from tvrn.evaluation import evaluate
     from tvrn.metrics import rank_metrics, t2i_ranks
-    from tvrn.pipeline import load_trained, resolve_config, score_split, train_from_config
+    from tvrn.pipeline import load_trained, resolve_config, run_config, score_split, train_from_config
 
     torch.set_num_threads(a.threads)
     overrides = SUITES[suite][name]
@@ -145,6 +145,7 @@ def one_run(a, suite: str, name: str, seed: int) -> dict:
     t0 = time.time()
     summary = train_from_config(cfg, run_dir, resume=True)
     seconds = time.time() - t0
+    run_train = run_config(cfg, run_dir)["train"]  # every TrainConfig field, defaults filled in
     model, tokenizer, _ = load_trained(run_dir / "best.pt")
     test = load_split(root, "test")
     c2i = torch.as_tensor(test.caption_to_image)
@@ -160,7 +161,7 @@ def one_run(a, suite: str, name: str, seed: int) -> dict:
         "twin_acc": {k: twin_accuracy(scores, c2i, t) for k, t in twins.items()},
         "t2i_by_group": {g: {**rank_metrics(ranks[torch.as_tensor(idx)], "t2i"), "captions": len(idx)}
                          for g, idx in caption_groups(root, "test").items()},
-        "train": {k: cfg["train"][k] for k in ("epochs", "lr", "lr_milestones", "lr_gamma", "patience", "batch_size",
+        "train": {k: run_train[k] for k in ("epochs", "lr", "lr_milestones", "lr_gamma", "patience", "batch_size",
                                                "loss_mode", "loss_reduction", "loss_exclude_same_image")},
     }
 
