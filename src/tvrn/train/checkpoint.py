@@ -24,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, load_torch_file
 
 
 def state_digest(state: dict) -> str:
@@ -72,9 +72,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     with a "model_sha256" is refused when its weights no longer match it. A file that is empty, truncated, damaged,
     no checkpoint at all or holds anything else raises `CheckpointError` (a ValueError) saying so; a missing one
     FileNotFoundError."""
-    from ..convert import _load_checked  # the file checks shared with `tvrn convert`
 
-    obj = _load_checked(path, CheckpointError, "tensors, dicts, lists, numbers and strings",
+    obj = load_torch_file(path, CheckpointError, "tensors, dicts, lists, numbers and strings",
                         map_location=map_location)
     if isinstance(obj, dict) and obj.get("model_sha256") and isinstance(obj.get("model"), dict):
         if state_digest(obj["model"]) != obj["model_sha256"]:
