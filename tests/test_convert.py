@@ -19,6 +19,7 @@ from tvrn.data import Vocabulary
 from tvrn.data.batch import ImageBatch, TextBatch
 from tvrn.data.vocab import SPECIAL_TOKENS
 from tvrn.pipeline import model_from_checkpoint
+from helpers import pad_token_lists
 
 NI, R, DV, D, WD, S, V = 3, 5, 12, 16, 10, 8, 30
 LENGTHS = [7, 4, 6, 3]
@@ -38,11 +39,7 @@ def data(seed=0):
 def tvrn_scores(ckpt, feats, caps):
     model, _ = model_from_checkpoint(ckpt)
     model = model.double().eval()
-    Lmax = max(len(c) for c in caps)
-    tokens = torch.zeros(len(caps), Lmax, dtype=torch.long)
-    for i, c in enumerate(caps):
-        tokens[i, :len(c)] = c
-    mask = torch.arange(Lmax)[None] < torch.tensor([len(c) for c in caps])[:, None]
+    tokens, mask = pad_token_lists(caps)
     with torch.no_grad():
         ei = model.encode_image(ImageBatch(features=feats, mask=torch.ones(NI, R, dtype=torch.bool),
                                            adjacency=torch.ones(NI, R, R, dtype=torch.bool)))

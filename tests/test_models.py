@@ -11,6 +11,7 @@ from tvrn.data.batch import ImageBatch, TextBatch
 from tvrn.models import create_model, list_models
 from tvrn.models.base import grid_layout
 from tvrn.models.layers import Attention, gru_input, gru_scan, l2norm, spatial_mask
+from helpers import iou_adjacency
 
 B, R, L, D, DV, S, VOCAB = 3, 5, 7, 16, 12, 8, 30
 TINY = dict(img_dim=DV, embed_size=D, sim_dim=S, vocab_size=VOCAB, word_dim=10)
@@ -35,16 +36,6 @@ def build(name, **kw):
         kw["bert_path"] = str(path)
     torch.manual_seed(0)
     return create_model(name, **kw).eval()
-
-
-def iou_adjacency(boxes, thr=0.2):
-    """(B, R, 4) -> (B, R, R) bool, IoU >= thr."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    area = (x2 - x1) * (y2 - y1)
-    iw = (torch.minimum(x2[:, :, None], x2[:, None]) - torch.maximum(x1[:, :, None], x1[:, None])).clamp_min(0)
-    ih = (torch.minimum(y2[:, :, None], y2[:, None]) - torch.maximum(y1[:, :, None], y1[:, None])).clamp_min(0)
-    inter = iw * ih
-    return inter / (area[:, :, None] + area[:, None] - inter) >= thr
 
 
 def make_images(n=B, r=R, seed=1):

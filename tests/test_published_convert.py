@@ -19,7 +19,7 @@ from tvrn.data.vocab import SPECIAL_TOKENS
 from tvrn.models import create_model
 from tvrn.pipeline import published_protocol_scores
 from tvrn.scoring import encode_images, encode_texts, score_all
-from test_models import iou_adjacency
+from helpers import iou_adjacency, pad_token_lists
 
 DV, WD, D, S, R, V = 10, 7, 12, 6, 4, 20
 WORDS = [f"w{i}" for i in range(V - len(SPECIAL_TOKENS))]
@@ -44,11 +44,7 @@ def inputs(ni=6, nt=9, seed=0):
 
 
 def tvrn_encode(model, feats, adjacency, caps, dtype):
-    Lmax = max(len(c) for c in caps)
-    tokens = torch.zeros(len(caps), Lmax, dtype=torch.long)
-    for i, c in enumerate(caps):
-        tokens[i, :len(c)] = c
-    mask = torch.arange(Lmax)[None] < torch.tensor([len(c) for c in caps])[:, None]
+    tokens, mask = pad_token_lists(caps)
     with torch.no_grad():
         ei = model.encode_image(ImageBatch(features=feats.to(dtype), mask=torch.ones(feats.shape[:2], dtype=torch.bool),
                                            adjacency=adjacency))

@@ -74,6 +74,13 @@ def build_model(cfg: dict, feature_size: int, vocab: Optional[Vocabulary]) -> nn
     if vocab is not None:
         overrides["vocab_size"] = len(vocab)
     model = create_model(cfg["model"]["name"], **overrides)
+    if getattr(model.config, "refine_against", "pair") == "first_image":
+        import warnings
+
+        warnings.warn("model.refine_against=first_image refines every caption against the first image of its batch "
+                      "(and of each 100-image block in evaluation), as the TVRN authors' code does: a pair's score "
+                      "then depends on the other images of its block. Use it to reproduce their numbers only "
+                      "(docs/published-tvrn.md).", stacklevel=2)
     if cfg["data"].get("glove") and model.config.text_encoder == "gru":
         vectors, found = glove_vectors(vocab.idx2word)
         model.text_encoder.load_word_vectors(vectors, found)
