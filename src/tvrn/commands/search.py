@@ -12,6 +12,9 @@ import argparse
 import json
 import sys
 
+from ._args import (IntermixedArgumentParser, non_empty_token, non_negative_int, port, positive_float,
+                    positive_int)
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -30,7 +33,7 @@ def register(subparsers) -> None:
                         "(default: exact chunked matrix products)")
     p.add_argument("--images", help="folder of <image id>.png|.jpg for the web page "
                                     "(default DATA/images/SPLIT when it exists)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images / captions per encode batch")
     p.add_argument("--adjacency-threshold", type=float, default=0.2)
     p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--no-progress", action="store_true")
@@ -40,16 +43,19 @@ def register(subparsers) -> None:
         "search", help="query a search index: text -> images, or a gallery image -> captions",
         description="Answer a query from an index built by `tvrn index`: a caption finds images; --image N ranks "
                     "the index's captions for gallery image N. Two stages: the shortlist vectors pick "
-                    "--shortlist candidates, the full model re-ranks them (--shortlist 0: score everything).")
+                    "--shortlist candidates, the full model re-ranks them (--shortlist 0: score everything). "
+                    "Options may come before or after the query.")
+    p.__class__ = IntermixedArgumentParser  # `tvrn search INDEX -k 2 "a red ball"` as well as `INDEX "..." -k 2`
     p.add_argument("index", help="index from `tvrn index`")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the index files on opening")
-    p.add_argument("--nprobe", type=int, help="FAISS search breadth (IVF lists / HNSW efSearch) of the shortlist")
+    p.add_argument("--nprobe", type=positive_int,
+                   help="FAISS search breadth (IVF lists / HNSW efSearch) of the shortlist")
     p.add_argument("query", nargs="?", help="caption to search for")
-    p.add_argument("--image", type=int, help="rank captions for this gallery image instead")
+    p.add_argument("--image", type=non_negative_int, help="rank captions for this gallery image instead")
     p.add_argument("--image-file", help="rank captions for this photo, extracted with the gallery's recorded recipe "
                                         "(indexes of `tvrn extract` data folders)")
-    p.add_argument("-k", type=int, default=10, help="results to show (default %(default)s)")
-    p.add_argument("--shortlist", type=int, default=None,
+    p.add_argument("-k", type=positive_int, default=10, help="results to show (default %(default)s)")
+    p.add_argument("--shortlist", type=non_negative_int, default=None,
                    help="candidates re-ranked with the full score (default 100 images / 500 captions; 0: all)")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.set_defaults(func=run_search)
@@ -60,12 +66,12 @@ def register(subparsers) -> None:
                     "retrieved images and captions (FastAPI on uvicorn: pip install 'tvrn[serve]').")
     p.add_argument("index", help="index file from `tvrn index`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
+    p.add_argument("--port", type=port, default=8000, help="port (default %(default)s; 0: any free port)")
     p.add_argument("--quiet", action="store_true", help="no request log")
-    p.add_argument("--token", help="bearer token every /api route requires (or env TVRN_SERVE_TOKEN)")
-    p.add_argument("--workers", type=int, default=1, help="model calls at a time (default %(default)s)")
-    p.add_argument("--queue", type=int, default=8, help="searches that may wait; more get 503 (default %(default)s)")
-    p.add_argument("--header-timeout", type=float, default=10.0,
+    p.add_argument("--token", type=non_empty_token, help="bearer token every /api route requires (or env TVRN_SERVE_TOKEN)")
+    p.add_argument("--workers", type=positive_int, default=1, help="model calls at a time (default %(default)s)")
+    p.add_argument("--queue", type=non_negative_int, default=8, help="searches that may wait; more get 503 (default %(default)s)")
+    p.add_argument("--header-timeout", type=positive_float, default=10.0,
                    help="seconds a connection may take to send its request head (default %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for model calls (default: CPU cores - 1, so the event loop that answers "
@@ -75,10 +81,11 @@ def register(subparsers) -> None:
     p.add_argument("--pool", choices=["process", "thread"], default="process",
                    help="run model calls in worker processes that each open the index (default: model work never "
                         "holds the server's GIL) or in threads of the server process (one copy of the index in RAM)")
-    p.add_argument("--nprobe", type=int, help="FAISS search breadth (IVF lists / HNSW efSearch) of the shortlist")
+    p.add_argument("--nprobe", type=positive_int,
+                   help="FAISS search breadth (IVF lists / HNSW efSearch) of the shortlist")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking every index file's sha256 on opening (it reads every byte: 13 s for 12 GB)")
-    p.add_argument("--body-timeout", type=float, default=30.0,
+    p.add_argument("--body-timeout", type=positive_float, default=30.0,
                    help="seconds an upload (POST /api/query-image) may take to send its body (default %(default)s)")
     p.add_argument("--http", choices=["auto", "httptools", "h11"], default="auto",
                    help="uvicorn's HTTP parser: httptools (C, the default when installed) or h11 (pure Python)")

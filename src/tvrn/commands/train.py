@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from ._args import positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -19,8 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--data", help="precomp data folder (overrides data.root)")
     p.add_argument("--out", "-o", help="run folder for checkpoints and logs (default runs/<model name>)")
     p.add_argument("--model", help="registered model name (overrides model.name)")
-    p.add_argument("--epochs", type=int, help="overrides train.epochs")
-    p.add_argument("--batch-size", type=int, help="overrides train.batch_size")
+    p.add_argument("--epochs", type=positive_int, help="overrides train.epochs")
+    p.add_argument("--batch-size", type=positive_int, help="overrides train.batch_size")
     p.add_argument("--lr", type=float, help="overrides train.lr")
     p.add_argument("--seed", type=int, help="overrides train.seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -47,7 +49,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tvrn.config import ConfigError, list_presets
+    from tvrn.config import ConfigError, check_config, check_overrides, list_presets
     from tvrn.data import TvrnDataError
     from tvrn.pipeline import resolve_config, train_from_config
     from tvrn.train import cleanup_distributed, dist_info
@@ -56,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(list_presets()))
         return 0
     try:
+        check_overrides(args.overrides)  # unknown keys and wrongly typed values, named before anything runs
         cfg = resolve_config(args.config, flag_overrides(args))
+        check_config(cfg, f"config {args.config}")
     except (ConfigError, ValueError) as e:
         print(f"tvrn train: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,8 @@ def extract_dataset(image_dir: str | os.PathLike, out_dir: str | os.PathLike, ex
     """See the module doc. progress(split) -> a callback(done, total) for that split, or None.
     -> {"splits": {split: SplitResult or "up to date"}, "uncaptioned": [files], "missing": [(image, where)],
         "vocab": size or None}."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
     out = Path(out_dir)
     files = list_images(image_dir)
     if not files:

@@ -63,6 +63,10 @@ def _write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def _valid_batch_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _list_hash(files: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(files).encode("utf-8")).hexdigest()
 
@@ -119,6 +123,8 @@ def extract_split(extractor: RegionExtractor, image_dir: str | os.PathLike, file
     restart: discard an interrupted run's files instead of resuming. progress(done, total) after each batch.
     stop_after: return after this many images are done, leaving the run resumable (a kill, for tests).
     """
+    if not _valid_batch_size(batch_size):  # 0 or less never advances: a run that hangs, and a progress file
+        raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")  # that keeps it
     image_dir, out = Path(image_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = list(files)
@@ -143,7 +149,15 @@ def extract_split(extractor: RegionExtractor, image_dir: str | os.PathLike, file
             raise RecipeMismatchError(
                 f"{prog_path}: an interrupted extraction of split {split!r} had another list of images "
                 f"({old['n']} images, now {n}); restart it (--restart) to begin again")
-        if all(p.is_file() for p in partial.values()):
+        done = old.get("done")
+        if not _valid_batch_size(old.get("batch_size")) or not isinstance(done, int) or not 0 <= done <= n:
+            # written by a version that took any batch size: with 0 or less no batch ever ended, so nothing of
+            # the old run is usable (done stayed 0 or went negative); begin again with this run's batch size
+            if isinstance(done, int) and 0 < done <= n:
+                raise RecipeMismatchError(
+                    f"{prog_path}: an interrupted extraction of split {split!r} records an invalid batch size "
+                    f"{old.get('batch_size')!r}; restart it (--restart) to begin again")
+        elif all(p.is_file() for p in partial.values()):
             state, mode = old, "r+"
     arrays = {a: np.lib.format.open_memmap(partial[a], mode=mode, dtype=np.float32, shape=shapes[a]) for a in ARRAYS}
     for a in ARRAYS:

