@@ -2,6 +2,9 @@
 
     tvrn extract photos/ --out data/mine --captions captions.csv --splits train=0.8,dev=0.1,test=0.1
     tvrn extract photos/ --out data/mine --captions results.token --split test --regions selective_search
+
+Images above --max-pixels (width x height, default 40 million): a JPEG is decoded reduced (1/2, 1/4, 1/8),
+another format is refused naming the file, its size and the limit (skipped and listed with --skip-bad).
 """
 from __future__ import annotations
 
@@ -42,7 +45,12 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="images per backbone call (default %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default %(default)s)")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed at the end) instead of stopping")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable or too large images (listed at the end, with why) instead of stopping")
+    p.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
+                   help="pixel limit (width x height) of an image: above it a JPEG is decoded reduced (1/2, 1/4, "
+                        "1/8 scale), other formats are refused (default 40000000, which bounds the memory of a "
+                        "decode to about 300 MB per decoding thread)")
     p.add_argument("--restart", action="store_true", help="discard an interrupted run (or a split's old features) and begin again")
     p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--no-progress", action="store_true")
@@ -71,10 +79,22 @@ def _progress_factory(disabled: bool):
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # PIL warns above its own MAX_IMAGE_PIXELS; tvrn's --max-pixels decides (decoded reduced or refused)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from tvrn.data import TvrnDataError
     from tvrn.data.captions import parse_fractions
     from tvrn.extract import BackboneError, ImageReadError, Recipe, RecipeMismatchError, RegionExtractor
     from tvrn.extract.dataset import extract_dataset
+    from tvrn.extract.images import ImageTooLargeError
 
     try:
         grid = tuple(int(g) for g in args.grid.split(","))
@@ -88,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 print("tvrn extract: --regions selective_search needs OpenCV's contrib package: "
                       "pip install opencv-contrib-python-headless", file=sys.stderr)
                 return 2
-        extractor = RegionExtractor(recipe, weights=args.weights, device=args.device)
+        extractor = RegionExtractor(recipe, weights=args.weights, device=args.device, max_pixels=args.max_pixels)
         summary = extract_dataset(args.images, args.out, extractor, captions=args.captions,
                                   caption_format=args.caption_format, split=args.split, fractions=fractions,
                                   seed=args.seed, split_file=args.split_file, skip_missing=args.skip_missing,
@@ -97,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
                                   progress=_progress_factory(args.no_progress))
     except (TvrnDataError, ImageReadError, RecipeMismatchError, BackboneError, ValueError, FileNotFoundError) as e:
         print(f"tvrn extract: {e}", file=sys.stderr)
+        if isinstance(e, ImageTooLargeError):
+            print("tvrn extract: raise --max-pixels to read it (memory grows about 7 bytes per pixel), or",
+                  file=sys.stderr)
         if isinstance(e, ImageReadError):
             print("tvrn extract: rerun with --skip-bad to leave unreadable images out; the run resumes where it "
                   "stopped", file=sys.stderr)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -98,14 +99,49 @@ def _load(path: str, args=None):
     return SearchIndex.load(path, verify=not getattr(args, "no_verify", False), nprobe=getattr(args, "nprobe", None))
 
 
+class _Terminated(SystemExit):
+    """SIGTERM / SIGHUP during `tvrn index`, raised where the build is, so it unwinds and removes its temporary
+    folder."""
+
+
+@contextlib.contextmanager
+def _unwind_on_terminate():
+    """SIGTERM and SIGHUP end the build through the normal unwinding (its temporary folder removed) instead of
+    killing it where it stands; SIGKILL cannot be caught: the next build of the same output removes what it
+    left (`tvrn.search.index.stale_temporaries`)."""
+    import signal
+
+    def stop(signum, frame):
+        raise _Terminated(128 + signum)
+
+    old = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            old[sig] = signal.signal(sig, stop)
+        except (ValueError, OSError):  # not the main thread: leave the signal alone
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def run_index(args: argparse.Namespace) -> int:
     from tvrn.data import TvrnDataError
     from tvrn.search.index import SearchIndex
 
     try:
-        index = SearchIndex.build_to(args.out, args.checkpoint, args.data, args.split, image_dir=args.images,
-                                     batch_size=args.batch_size, adjacency_threshold=args.adjacency_threshold,
-                                     dtype=args.dtype, faiss=args.faiss, device=args.device)
+        with _unwind_on_terminate():
+            index = SearchIndex.build_to(args.out, args.checkpoint, args.data, args.split, image_dir=args.images,
+                                         batch_size=args.batch_size, adjacency_threshold=args.adjacency_threshold,
+                                         dtype=args.dtype, faiss=args.faiss, device=args.device)
+    except _Terminated as e:
+        print(f"tvrn index: stopped by signal {e.code - 128}; its temporary folder was removed", file=sys.stderr)
+        return e.code
     except ImportError as e:
         print(f"tvrn index: {e} (--faiss needs faiss-cpu: pip install 'tvrn[search]')", file=sys.stderr)
         return 2

@@ -10,6 +10,12 @@ with P dividing the map size gives exactly the global average of the map (the ba
 
 The `Recipe` is everything that decides the numbers; `RegionExtractor.describe()` adds the weights' sha256
 and is what a manifest records, so features of two recipes are never mixed.
+
+`prepare_file(path)` reads a file within the extractor's pixel limit (`max_pixels`, default
+`images.MAX_PIXELS`): a larger JPEG is decoded reduced (1/2, 1/4, 1/8), other formats are refused with
+`ImageTooLargeError` (see `tvrn.extract.images`). The backbone sees S x S pixels whatever the decoded size, so
+a reduced decode still at least S a side loses nothing it uses; the boxes and the size it returns are in pixels
+of the full-size image, as for an image decoded whole.
 """
 from __future__ import annotations
 
@@ -57,8 +63,13 @@ class Recipe:
 class RegionExtractor:
     """Backbone + region recipe. `prepare` (CPU, per image, thread-safe) then `features` (batched)."""
 
-    def __init__(self, recipe: Recipe = Recipe(), weights: Optional[str] = None, device=None):
+    def __init__(self, recipe: Recipe = Recipe(), weights: Optional[str] = None, device=None,
+                 max_pixels: Optional[int] = None):
+        if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
+                                       or max_pixels < 1):
+            raise ValueError(f"max_pixels must be an integer of at least 1, got {max_pixels!r}")
         self.recipe = recipe
+        self.max_pixels = max_pixels  # pixel limit of the images it reads (None: images.MAX_PIXELS)
         self.backbone = create_backbone(recipe.backbone, weights).to(device or "cpu")
         self.device = device or "cpu"
 
@@ -83,6 +94,20 @@ class RegionExtractor:
         s = self.recipe.input_size
         resized = np.asarray(Image.fromarray(rgb).resize((s, s), Image.BICUBIC), dtype=np.uint8)
         return self.backbone.preprocess(resized), self.boxes(rgb), np.array([w, h], dtype=np.float32)
+
+    def prepare_file(self, path) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """An image file -> `prepare`'s (input, boxes, size), read within `max_pixels` (see the module doc);
+        boxes and size in pixels of the full-size oriented image even when it was decoded reduced."""
+        from .images import read_image
+
+        rgb, (fw, fh) = read_image(path, self.max_pixels)
+        x, boxes, size = self.prepare(rgb)
+        h, w = rgb.shape[:2]
+        del rgb
+        if (fw, fh) != (w, h):  # decoded reduced: back to the file's pixels (RoIAlign only sees box / size)
+            boxes = (boxes * np.array([fw / w, fh / h, fw / w, fh / h], dtype=np.float64)).astype(np.float32)
+            size = np.array([fw, fh], dtype=np.float32)
+        return x, boxes, size
 
     @torch.no_grad()
     def features(self, inputs: torch.Tensor, boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ import torch
 
 from ..fileio import atomic_write
 from .features import RegionExtractor, recipe_difference, same_recipe
-from .images import ImageReadError, image_id, read_rgb
+from .images import ImageReadError, image_id
 
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "tvrn-extract", 1
@@ -102,9 +102,9 @@ def update_manifest(out_dir: str | os.PathLike, extractor: dict, split: str, ent
 
 
 def _load(extractor: RegionExtractor, image_dir: Path, rel: str):
-    """-> (input, boxes, size) or the ImageReadError."""
+    """-> (input, boxes, size) or the ImageReadError (ImageTooLargeError above the extractor's max_pixels)."""
     try:
-        return extractor.prepare(read_rgb(image_dir / rel))
+        return extractor.prepare_file(image_dir / rel)
     except ImageReadError as e:
         return e
     except FileNotFoundError as e:

@@ -10,6 +10,11 @@ makes a query image's features the same way, so it is comparable with the galler
   nothing here can make features like those from a photo;
 - the model was trained on features of another recipe than the gallery's (or not made by `tvrn extract`);
 - the backbone's weights file here is not the one recorded (another sha256).
+
+A query image is read as the extractor reads a gallery image (`tvrn.extract.images.open_image`), within
+`MAX_IMAGE_PIXELS` (the extractor's default limit, 40 million pixels): the header is read first; a larger
+JPEG is decoded reduced (1/2, 1/4, 1/8 scale), any other larger image is refused before it is decoded with
+`QueryImageTooLargeError`, a SearchIndexError (a ValueError: the server answers 400 with its message).
 """
 from __future__ import annotations
 
@@ -21,9 +26,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..extract.images import MAX_PIXELS
 from .index import SearchIndexError
 
-MAX_IMAGE_PIXELS = 64_000_000  # larger decoded images are refused (a decompression bomb guard)
+MAX_IMAGE_PIXELS = MAX_PIXELS  # pixel limit of a query image (larger: decoded reduced if JPEG, else refused)
 _EXTRACTORS: dict = {}  # (recipe, device) -> RegionExtractor, built once per process
 
 
@@ -101,22 +107,30 @@ def _extractor(record: dict):
     return _EXTRACTORS[key]
 
 
-def read_query_image(file) -> np.ndarray:
-    """A path, bytes or a binary file object -> (H, W, 3) uint8 RGB; SearchIndexError if it is not an image."""
-    from PIL import Image
+class QueryImageTooLargeError(SearchIndexError):
+    """A query image above the pixel limit that cannot be decoded reduced below it: width, height, pixels,
+    limit as in `tvrn.extract.images.ImageTooLargeError`."""
 
-    from ..extract import ImageReadError, read_rgb
+    def __init__(self, message: str, width, height, pixels: int, limit: int):
+        self.width, self.height, self.pixels, self.limit = width, height, pixels, limit
+        super().__init__(message)
 
+
+def read_query_image(file, max_pixels: Optional[int] = None) -> np.ndarray:
+    """A path, bytes or a binary file object -> (H, W, 3) uint8 RGB, read within max_pixels (None:
+    MAX_IMAGE_PIXELS; see the module doc). SearchIndexError if it is not an image, QueryImageTooLargeError
+    (a SearchIndexError) if it is too large."""
+    from ..extract.images import ImageReadError, ImageTooLargeError, read_rgb
+
+    name = str(file) if isinstance(file, (str, os.PathLike)) else "the uploaded file"
     src = io.BytesIO(file) if isinstance(file, (bytes, bytearray)) else file
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2  # PIL raises above twice this
     try:
-        return read_rgb(src)
-    except (ImageReadError, Image.DecompressionBombError) as e:
-        name = file if isinstance(file, (str, os.PathLike)) else "the uploaded file"
-        raise SearchIndexError(f"cannot read {name} as an image: {getattr(e, 'problem', e)}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
+        return read_rgb(src, MAX_IMAGE_PIXELS if max_pixels is None else max_pixels, name=name)
+    except ImageTooLargeError as e:
+        raise QueryImageTooLargeError(f"cannot read {name} as an image: {e.problem}", e.width, e.height,
+                                      e.pixels, e.limit) from None
+    except ImageReadError as e:
+        raise SearchIndexError(f"cannot read {name} as an image: {e.problem}") from None
 
 
 def encode_image_file(index, file):

@@ -19,13 +19,20 @@ Two on-disk forms, both opened by `SearchIndex.load(path)`:
   asked for, FAISS indexes built from a factory string (`Flat`, `IVF1024,Flat`, `HNSW32`, ...); `model.pt`;
   `manifest.json` with the sha256 of every file, checked on opening (a corrupted file is refused by name);
 - a single file (version 1, torch.save of plain data, loaded whole): model, ids, captions, encodings.
+
+A folder is written into a temporary folder beside it, `.NAME.tmp.PID@HOST`, renamed into place when complete;
+a build that fails removes it, and a new build of NAME removes those whose writer is gone (a killed build).
+A FAISS factory string is checked before anything is encoded (`check_faiss`). A damaged folder (a manifest that
+is not UTF-8 JSON, a truncated file) is refused with a SearchIndexError naming the file.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -47,6 +54,57 @@ EXACT_CHUNK = 4096  # images / captions scored at a time by an exact (shortlist=
 
 class SearchIndexError(ValueError):
     """An index file that is not a tvrn index, or a query the index cannot answer."""
+
+
+class FaissSpecError(SearchIndexError):
+    """A FAISS factory string (`tvrn index --faiss`) that FAISS cannot build, or not for this gallery."""
+
+
+FAISS_ACCEPTED = ("Flat (exact)", "IVF<lists>,Flat (e.g. IVF1024,Flat; at most one list per gallery image)",
+                  "IVF<lists>,SQ8", "IVF<lists>,PQ<m>", "HNSW<links> (e.g. HNSW32)", "PQ<m>",
+                  "or another FAISS index_factory string")
+
+
+def _faiss_reason(e: BaseException) -> str:
+    """FAISS's message without its C++ location: 'could not parse index string Bogus99'."""
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    m = re.search(r"\.(?:cpp|h|hpp):\d+: (.*)$", text)
+    return (m.group(1) if m else text)[:300]
+
+
+def check_faiss(spec: str, n_train: int, what: str = "images") -> None:
+    """Refuse (FaissSpecError, naming --faiss) a factory string FAISS cannot build, or an IVF with more inverted
+    lists than the `n_train` vectors (`what`) it would be trained on; cheap: built on tiny dimensions, untrained.
+    A string that builds here may still fail on the real dimension or data (PQ sizes): `_IndexWriter.finish`
+    refuses that the same way, leaving no temporary folder."""
+    import faiss
+
+    accepted = "; accepted: " + ", ".join(FAISS_ACCEPTED)
+    if not isinstance(spec, str) or not spec.strip():
+        raise FaissSpecError("--faiss: an empty factory string" + accepted)
+    ivf = re.search(r"IVF([0-9]+)", spec)
+    if ivf is not None:
+        nlist = int(ivf.group(1))
+        if nlist < 1:
+            raise FaissSpecError(f"--faiss {spec!r}: an IVF needs at least 1 inverted list" + accepted)
+        if nlist > n_train:  # checked before FAISS allocates the lists (IVF99999999 takes it half a minute)
+            raise FaissSpecError(
+                f"--faiss {spec!r}: an IVF of {nlist} inverted lists is trained on the gallery's vectors, and the "
+                f"gallery has {n_train} {what}: use at most IVF{n_train} (FAISS advises 39 vectors per list: "
+                f"IVF{max(1, n_train // 39)}), or Flat / HNSW32 for a gallery this small")
+    hnsw = re.search(r"HNSW([0-9]+)", spec)
+    if hnsw is not None and int(hnsw.group(1)) < 2:  # FAISS aborts the process on HNSW0 / HNSW1 when adding
+        raise FaissSpecError(f"--faiss {spec!r}: an HNSW graph needs at least 2 links per vector (HNSW32 is usual)"
+                             + accepted)
+    first = None
+    for dim in (8, 16, 32, 64, 128, 256, 512, 1024):  # PQ<m> needs a dimension divisible by m
+        try:
+            faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+            return
+        except Exception as e:  # FAISS raises RuntimeError (parse errors, failed assertions)
+            first = first or e
+    raise FaissSpecError(f"--faiss {spec!r} is not a factory string FAISS can build ({_faiss_reason(first)})"
+                         + accepted)
 
 
 @dataclass(frozen=True)
@@ -218,39 +276,51 @@ class SearchIndex:
         from ..data import iter_image_batches, iter_text_batches
         from .image_query import extract_record
 
-        model, tokenizer, slim = _load_model(checkpoint_path, device)
         data = load_split(data_root, split)
+        if faiss is not None:  # before any encoding: a bad factory string costs nothing
+            check_faiss(faiss, *_train_count(data.num_images, data.num_captions))
+        model, tokenizer, slim = _load_model(checkpoint_path, device)
         tokens = [tokenizer.encode(c) for c in data.captions]
         writer = _IndexWriter(out, data.num_images, data.num_captions, dtype, max_words=max(map(len, tokens)))
-        with torch.no_grad():
-            start = 0
-            for batch in iter_image_batches(data, batch_size, adjacency_threshold=adjacency_threshold):
-                enc = model.encode_image(batch.to(device) if device else batch).to("cpu")
-                writer.add_images(start, enc, model.shortlist_embed_image(enc).float())
-                start += len(enc)
-                if on_batch:
-                    on_batch("images", start)
-            start = 0
-            for batch in iter_text_batches(data, tokenizer, batch_size):
-                enc = model.encode_text(batch.to(device) if device else batch).to("cpu")
-                writer.add_texts(start, enc, model.shortlist_embed_text(enc).float())
-                start += len(enc)
-                if on_batch:
-                    on_batch("captions", start)
-        writer.finish(slim, _ids(data), list(data.captions), torch.as_tensor(data.caption_to_image),
-                      str(data_root), split, _image_dir(data_root, split, image_dir), faiss,
-                      extract=extract_record(checkpoint_path, data_root, adjacency_threshold))
+        try:
+            with torch.no_grad():
+                start = 0
+                for batch in iter_image_batches(data, batch_size, adjacency_threshold=adjacency_threshold):
+                    enc = model.encode_image(batch.to(device) if device else batch).to("cpu")
+                    writer.add_images(start, enc, model.shortlist_embed_image(enc).float())
+                    start += len(enc)
+                    if on_batch:
+                        on_batch("images", start)
+                start = 0
+                for batch in iter_text_batches(data, tokenizer, batch_size):
+                    enc = model.encode_text(batch.to(device) if device else batch).to("cpu")
+                    writer.add_texts(start, enc, model.shortlist_embed_text(enc).float())
+                    start += len(enc)
+                    if on_batch:
+                        on_batch("captions", start)
+            writer.finish(slim, _ids(data), list(data.captions), torch.as_tensor(data.caption_to_image),
+                          str(data_root), split, _image_dir(data_root, split, image_dir), faiss,
+                          extract=extract_record(checkpoint_path, data_root, adjacency_threshold))
+        except BaseException:  # a failed or interrupted build leaves no temporary folder behind
+            writer.abort()
+            raise
         return cls.load(out)
 
     def save(self, path: str | os.PathLike, dtype: str = "float32", faiss: Optional[str] = None) -> None:
         """Write the index as a folder (see the module doc), atomically: built beside `path`, renamed into place."""
+        if faiss is not None:
+            check_faiss(faiss, *_train_count(self.num_images, self.num_captions))
         writer = _IndexWriter(path, self.num_images, self.num_captions, dtype)
-        for start, enc in self.images.chunks():
-            writer.add_images(start, enc, self.model.shortlist_embed_image(enc).float())
-        for start, enc in self.texts.chunks():
-            writer.add_texts(start, enc, self.model.shortlist_embed_text(enc).float())
-        writer.finish(self.checkpoint, self.image_ids, self.captions, self.caption_to_image, self.data_root,
-                      self.split, self.image_dir, faiss, extract=self.extract)
+        try:
+            for start, enc in self.images.chunks():
+                writer.add_images(start, enc, self.model.shortlist_embed_image(enc).float())
+            for start, enc in self.texts.chunks():
+                writer.add_texts(start, enc, self.model.shortlist_embed_text(enc).float())
+            writer.finish(self.checkpoint, self.image_ids, self.captions, self.caption_to_image, self.data_root,
+                          self.split, self.image_dir, faiss, extract=self.extract)
+        except BaseException:
+            writer.abort()
+            raise
 
     def save_file(self, path: str | os.PathLike) -> None:
         """The single-file form (version 1): everything in one torch.save, loaded whole (small galleries)."""
@@ -285,61 +355,97 @@ class SearchIndex:
                                    f"turned into an index with `tvrn index CHECKPOINT --data DIR --out FILE`)")
         if obj.get("version") != VERSION:
             raise SearchIndexError(f"{path}: index version {obj.get('version')}, this tvrn reads version {VERSION}")
-        model, tokenizer = model_from_checkpoint(obj["model"], source=str(path))
-        return cls(model, tokenizer, obj["model"], EncodedImages(**obj["enc_images"]),
-                   EncodedTexts(**obj["enc_texts"]), obj["image_ids"], obj["captions"], obj["caption_to_image"],
-                   data_root=obj["data_root"], split=obj["split"], image_dir=obj["image_dir"])
+        try:
+            model, tokenizer = model_from_checkpoint(obj["model"], source=str(path))
+            return cls(model, tokenizer, obj["model"], EncodedImages(**obj["enc_images"]),
+                       EncodedTexts(**obj["enc_texts"]), obj["image_ids"], obj["captions"], obj["caption_to_image"],
+                       data_root=obj["data_root"], split=obj["split"], image_dir=obj["image_dir"])
+        except SearchIndexError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+            raise SearchIndexError(f"{path}: a damaged tvrn search index ({_reason(e)}); rebuild it with "
+                                   f"`tvrn index`") from None
 
     @classmethod
     def _load_dir(cls, path: Path, verify: bool, nprobe: Optional[int]) -> "SearchIndex":
+        """A damaged folder raises SearchIndexError naming the file: a manifest that is not UTF-8 JSON or lacks
+        what an index records, a missing, corrupted (verify) or truncated file."""
         from ..models.base import EncodedImages, EncodedTexts
         from ..pipeline import model_from_checkpoint
 
         try:
-            man = json.loads((path / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SearchIndexError(f"{path}: not a tvrn index folder (manifest.json: {e})") from None
-        if man.get("format") != FORMAT or man.get("version") not in (2, DIR_VERSION):
+            raw = (path / "manifest.json").read_bytes()
+        except OSError as e:
+            raise SearchIndexError(f"{path}: not a tvrn index folder (manifest.json: "
+                                   f"{e.strerror or type(e).__name__})") from None
+        try:
+            man = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SearchIndexError(f"{path}: manifest.json is not valid UTF-8 JSON ({_reason(e)}): the index is "
+                                   f"damaged; rebuild it with `tvrn index`") from None
+        if not isinstance(man, dict) or man.get("format") != FORMAT or man.get("version") not in (2, DIR_VERSION):
             raise SearchIndexError(f"{path}: manifest.json is not a tvrn index version 2 or {DIR_VERSION}")
-        if verify:
-            for rel, digest in man["files"].items():
-                f = path / rel
-                if not f.is_file():
-                    raise SearchIndexError(f"{path}: {rel} is missing")
-                if sha256_file(f) != digest:
-                    raise SearchIndexError(f"{path}: {rel} is corrupted (its sha256 differs from manifest.json)")
-        ckpt = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-        model, tokenizer = model_from_checkpoint(ckpt, source=str(path / "model.pt"))
-        images = FieldStore(path / "images", man["fields"]["images"], EncodedImages)
-        texts = FieldStore(path / "texts", man["fields"]["texts"], EncodedTexts)
-        vectors = []
-        for side in ("image", "text"):
-            vec = NpyRows(path / f"{side}_vectors.npy")
-            index = None
-            if man.get("faiss"):
-                import faiss
+        problem = _manifest_problem(man)
+        if problem:
+            raise SearchIndexError(f"{path}: manifest.json cannot be read ({problem}): the index is damaged; "
+                                   f"rebuild it with `tvrn index`")
+        reading = "manifest.json"  # the file being read when something fails: named in the error
+        try:
+            if verify:
+                for rel, digest in man["files"].items():
+                    f = path / rel
+                    if not f.is_file():
+                        raise SearchIndexError(f"{path}: {rel} is missing")
+                    if sha256_file(f) != digest:
+                        raise SearchIndexError(f"{path}: {rel} is corrupted (its sha256 differs from manifest.json)")
+            reading = "model.pt"
+            ckpt = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+            model, tokenizer = model_from_checkpoint(ckpt, source=str(path / "model.pt"))
+            reading = "images/"
+            images = FieldStore(path / "images", man["fields"]["images"], EncodedImages)
+            reading = "texts/"
+            texts = FieldStore(path / "texts", man["fields"]["texts"], EncodedTexts)
+            vectors = []
+            for side in ("image", "text"):
+                reading = f"{side}_vectors.npy"
+                vec = NpyRows(path / f"{side}_vectors.npy")
+                index = None
+                if man.get("faiss"):
+                    import faiss
 
-                index = faiss.read_index(str(path / f"{side}.faiss"))
-                if nprobe is not None and ("IVF" in man["faiss"] or "HNSW" in man["faiss"]):  # Flat: exact already
-                    faiss.ParameterSpace().set_index_parameter(index, "nprobe" if "IVF" in man["faiss"] else "efSearch",
-                                                                nprobe)
-            vectors.append(_Vectors(vec, index))
-        if man["version"] == 2:  # ids and captions into RAM
-            captions = (path / "captions.txt").read_text().split("\n")[: man["counts"]["captions"]]
-            ids = (path / "image_ids.txt").read_text().split("\n")[: man["counts"]["images"]]
-            c2i, by_image = torch.from_numpy(np.load(path / "caption_to_image.npy")), None
-        else:  # read from disk when asked
-            ids = StringRows(path / "image_ids.txt", path / "image_ids.offsets.npy")
-            captions = StringRows(path / "captions.txt", path / "captions.offsets.npy")
-            c2i = NpyRows(path / "caption_to_image.npy")
-            by_image = (NpyRows(path / "image_captions.npy"), NpyRows(path / "image_captions.offsets.npy"))
-            if (len(ids), len(captions), len(c2i)) != (man["counts"]["images"], man["counts"]["captions"],
-                                                        man["counts"]["captions"]):
-                raise SearchIndexError(f"{path}: image_ids / captions / caption_to_image do not match the counts of "
-                                       f"manifest.json")
-        return cls(model, tokenizer, ckpt, images, texts, ids, captions, c2i, data_root=man["data_root"],
-                   split=man["split"], image_dir=man["image_dir"], vectors=tuple(vectors), extract=man.get("extract"),
-                   image_captions=by_image)
+                    reading = f"{side}.faiss"
+                    index = faiss.read_index(str(path / f"{side}.faiss"))
+                    if nprobe is not None and ("IVF" in man["faiss"] or "HNSW" in man["faiss"]):  # Flat: exact
+                        faiss.ParameterSpace().set_index_parameter(
+                            index, "nprobe" if "IVF" in man["faiss"] else "efSearch", nprobe)
+                vectors.append(_Vectors(vec, index))
+            reading = "image_ids / captions"
+            if man["version"] == 2:  # ids and captions into RAM
+                captions = (path / "captions.txt").read_text(encoding="utf-8").split("\n")[: man["counts"]["captions"]]
+                ids = (path / "image_ids.txt").read_text(encoding="utf-8").split("\n")[: man["counts"]["images"]]
+                c2i, by_image = torch.from_numpy(np.load(path / "caption_to_image.npy")), None
+            else:  # read from disk when asked
+                ids = StringRows(path / "image_ids.txt", path / "image_ids.offsets.npy")
+                captions = StringRows(path / "captions.txt", path / "captions.offsets.npy")
+                c2i = NpyRows(path / "caption_to_image.npy")
+                by_image = (NpyRows(path / "image_captions.npy"), NpyRows(path / "image_captions.offsets.npy"))
+                if (len(ids), len(captions), len(c2i)) != (man["counts"]["images"], man["counts"]["captions"],
+                                                            man["counts"]["captions"]):
+                    raise SearchIndexError(f"{path}: image_ids / captions / caption_to_image do not match the counts "
+                                           f"of manifest.json")
+            reading = "manifest.json"
+            return cls(model, tokenizer, ckpt, images, texts, ids, captions, c2i, data_root=man["data_root"],
+                       split=man["split"], image_dir=man["image_dir"], vectors=tuple(vectors),
+                       extract=man.get("extract"), image_captions=by_image)
+        except SearchIndexError:
+            raise
+        except FileNotFoundError as e:
+            raise SearchIndexError(f"{path}: {Path(e.filename).name if e.filename else reading} is missing (the "
+                                   f"index is incomplete; rebuild it with `tvrn index`)") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, EOFError) as e:
+            # truncated or damaged files (numpy, torch, FAISS and pickle errors), a manifest lacking a key
+            raise SearchIndexError(f"{path}: {reading} cannot be read ({_reason(e)}): the index is damaged or "
+                                   f"truncated; rebuild it with `tvrn index`") from None
 
     # ------------------------------------------------------------------ queries
     def encode_queries(self, queries: list[str]):
@@ -439,12 +545,19 @@ class SearchIndex:
         return [self.captions[c] for c in self.caption_indices_of(image)]
 
     def image_path(self, image: int) -> Optional[Path]:
-        """The image file of gallery image `image` (image_dir/<id> + one of IMAGE_SUFFIXES), or None."""
+        """The image file of gallery image `image` (image_dir/<id> + one of IMAGE_SUFFIXES), or None. Only a
+        regular file inside the image folder once links are resolved: an id with '..' or a symbolic link that
+        points elsewhere (or at a device, a FIFO, a folder) is no image file of the index."""
         if self.image_dir is None or not 0 <= image < self.num_images:
             return None
+        folder = Path(self.image_dir)
+        try:
+            root = folder.resolve()
+        except (OSError, RuntimeError):
+            return None
         for suffix in IMAGE_SUFFIXES:
-            p = Path(self.image_dir) / f"{self.image_ids[image]}{suffix}"
-            if p.is_file():
+            p = folder / f"{self.image_ids[image]}{suffix}"
+            if inside_folder(p, root) is not None:
                 return p
         return None
 
@@ -468,6 +581,36 @@ def _load_model(checkpoint_path, device):
     return model.eval(), tokenizer, slim
 
 
+def _reason(e: BaseException) -> str:
+    """One line for an error inside a message (its first line, bounded; never an object repr)."""
+    if isinstance(e, KeyError):
+        return f"no {e.args[0]!r} entry" if e.args else "a missing entry"
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _manifest_problem(man: dict) -> Optional[str]:
+    """What an index folder's manifest lacks of what the folder form records, or None."""
+    for key in ("files", "fields", "counts"):
+        if not isinstance(man.get(key), dict):
+            return f"no {key!r} entry" if key not in man else f"its {key!r} entry is not an object"
+    for key in ("images", "texts"):
+        if not isinstance(man["fields"].get(key), dict):
+            return f"no 'fields' / {key!r} entry"
+    for key in ("images", "captions"):
+        if not isinstance(man["counts"].get(key), int):
+            return f"no 'counts' / {key!r} count"
+    for key in ("data_root", "split", "image_dir"):
+        if key not in man:
+            return f"no {key!r} entry"
+    return None
+
+
+def _train_count(n_images: int, n_captions: int) -> tuple[int, str]:
+    """The fewest vectors a FAISS index of the gallery is trained on (both sides get one), and what they are."""
+    return (n_images, "images") if n_images <= n_captions else (n_captions, "captions")
+
+
 def _ids(data) -> list[str]:
     return list(data.ids) if data.ids is not None else [str(i) for i in range(data.num_images)]
 
@@ -483,6 +626,19 @@ def _image_dir(data_root, split, image_dir) -> Optional[str]:
         if image_dir is not None and not Path(image_dir).is_dir():
             image_dir = None
     return None if image_dir is None else str(Path(image_dir).resolve())
+
+
+def inside_folder(path: Path, root: Path) -> Optional[Path]:
+    """path resolved (links followed) when it is a regular file inside the resolved folder `root`, else None."""
+    import stat
+
+    try:
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(root) or real == root:
+            return None
+        return real if stat.S_ISREG(os.stat(real, follow_symlinks=False).st_mode) else None
+    except (OSError, ValueError, RuntimeError):
+        return None
 
 
 def captions_by_image(caption_to_image, n_images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -502,14 +658,70 @@ def _ivf_lists(index) -> int:
         return 0
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname() or "host")[:64] or "host"
+
+
+def _temporary(out: Path, pid: int) -> Path:
+    """The temporary folder a build of `out` writes in: .NAME.tmp.PID@HOST beside it."""
+    return out.parent / f".{out.name}.tmp.{pid}@{_HOST}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (a process of another user counts: not ours to judge)."""
+    if pid <= 0:
+        return True  # os.kill(0, ...) would mean the process group: never treated as gone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def stale_temporaries(out: str | os.PathLike) -> list[Path]:
+    """Temporary folders of earlier builds of `out` whose writer is gone: .NAME.tmp.PID@HOST of this host whose
+    process no longer exists (a killed `tvrn index`), and .NAME.tmp of tvrn versions that had no pid in the name
+    (then one build per output at a time). A live build's folder, another host's, and other names are kept."""
+    out = Path(out)
+    legacy = f".{out.name}.tmp"
+    named = re.compile(re.escape(legacy) + r"\.([0-9]{1,9})@([A-Za-z0-9_-]+)")
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return []
+    stale = []
+    for p in entries:
+        m = named.fullmatch(p.name)
+        if p.name == legacy or (m and m.group(2) == _HOST and int(m.group(1)) != os.getpid()
+                                and not _alive(int(m.group(1)))):
+            stale.append(p)
+    return sorted(stale)
+
+
+def _remove(p: Path) -> None:
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    except FileNotFoundError:
+        pass
+
+
 class _IndexWriter:
-    """Writes an index folder into a temporary folder beside `out`, renamed into place by finish()."""
+    """Writes an index folder into a temporary folder beside `out` (.NAME.tmp.PID@HOST), renamed into place by
+    finish(); abort() removes it. Starting removes the temporary folders of earlier builds of `out` whose writer
+    is gone (`stale_temporaries`)."""
 
     def __init__(self, out, n_images: int, n_captions: int, dtype: str, max_words: Optional[int] = None):
         self.out = Path(out)
-        self.tmp = self.out.parent / f".{self.out.name}.tmp"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
+        self.removed = stale_temporaries(self.out)
+        for p in self.removed:
+            _remove(p)
+        self.tmp = _temporary(self.out, os.getpid())
+        if self.tmp.exists() or self.tmp.is_symlink():  # this process's own, from a build that could not clean up
+            _remove(self.tmp)
         self.tmp.mkdir(parents=True)
         self.dtype, self.max_words = dtype, max_words
         self.images = FieldWriter(self.tmp / "images", n_images, dtype)
@@ -538,6 +750,13 @@ class _IndexWriter:
         self.texts.write(start, enc)
         self._vectors("text", start, vectors)
 
+    def abort(self) -> None:
+        """A failed or interrupted build: close the files and remove the temporary folder."""
+        for w in (self.images, self.texts, *self.vec.values()):
+            if w is not None:
+                w.abort()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
     def finish(self, checkpoint: dict, image_ids, captions, caption_to_image, data_root, split, image_dir,
                faiss_spec: Optional[str], extract: Optional[dict] = None) -> None:
         for side in ("image", "text"):
@@ -548,12 +767,17 @@ class _IndexWriter:
 
             for side in ("image", "text"):
                 vec = NpyRows(self.tmp / f"{side}_vectors.npy")
-                index = faiss.index_factory(vec.shape[1], faiss_spec, faiss.METRIC_INNER_PRODUCT)
-                if not index.is_trained:  # IVF / PQ: train on a sample, 64 vectors per list (FAISS asks 39+)
-                    step = max(1, vec.shape[0] // max(100_000, 64 * _ivf_lists(index)))
-                    index.train(np.ascontiguousarray(vec[np.arange(0, vec.shape[0], step)], dtype=np.float32))
-                for s0 in range(0, vec.shape[0], 65536):
-                    index.add(np.ascontiguousarray(vec[s0:s0 + 65536], dtype=np.float32))
+                try:
+                    index = faiss.index_factory(vec.shape[1], faiss_spec, faiss.METRIC_INNER_PRODUCT)
+                    if not index.is_trained:  # IVF / PQ: train on a sample, 64 vectors per list (FAISS asks 39+)
+                        step = max(1, vec.shape[0] // max(100_000, 64 * _ivf_lists(index)))
+                        index.train(np.ascontiguousarray(vec[np.arange(0, vec.shape[0], step)], dtype=np.float32))
+                    for s0 in range(0, vec.shape[0], 65536):
+                        index.add(np.ascontiguousarray(vec[s0:s0 + 65536], dtype=np.float32))
+                except RuntimeError as e:  # what check_faiss cannot see: the real dimension, the training data
+                    raise FaissSpecError(f"--faiss {faiss_spec!r}: FAISS cannot build it for the {vec.shape[0]} "
+                                         f"{side} vectors of dimension {vec.shape[1]} ({_faiss_reason(e)}); "
+                                         f"accepted: " + ", ".join(FAISS_ACCEPTED)) from None
                 faiss.write_index(index, str(self.tmp / f"{side}.faiss"))
         torch.save(checkpoint, self.tmp / "model.pt")
         n_ids = write_strings(self.tmp / "image_ids.txt", self.tmp / "image_ids.offsets.npy", image_ids)
@@ -574,15 +798,21 @@ class _IndexWriter:
                "image_dir": image_dir, "fields": {"images": meta_i, "texts": meta_t}, "files": files,
                "extract": extract}
         (self.tmp / "manifest.json").write_text(json.dumps(man, indent=1))
+        old = self.out.parent / f".{self.out.name}.old"
         if self.out.exists():  # replace: move the old one aside first, so a reader sees one or the other
-            old = self.out.parent / f".{self.out.name}.old"
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if old.exists() or old.is_symlink():
+                _remove(old)
             os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            try:
+                os.replace(self.tmp, self.out)
+            except BaseException:  # interrupted between the renames: the previous index goes back in place
+                if not self.out.exists():
+                    os.replace(old, self.out)
+                raise
         else:
             os.replace(self.tmp, self.out)
+        if old.exists() or old.is_symlink():  # this build's, or one left by a build killed between the renames
+            _remove(old)
 
 
-__all__ = ["Hit", "SearchIndex", "SearchIndexError"]
+__all__ = ["FaissSpecError", "Hit", "SearchIndex", "SearchIndexError", "check_faiss", "stale_temporaries"]

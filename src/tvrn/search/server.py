@@ -7,20 +7,24 @@ Endpoints (GET or HEAD; JSON answers; every error, whatever its status, method o
     /api/info                             model, split, gallery sizes, limits
     /api/search?q=TEXT&k=10&shortlist=100 text -> images (shortlist=0: exact, every image scored)
     /api/image/N?k=10&shortlist=500       gallery image N -> captions (its own captions marked relevant)
-    /images/N                             the image file of gallery image N
+    /images/N                             the image file of gallery image N (a regular file inside the
+                                          index's image folder, links resolved; nothing else is served)
     POST /api/query-image?k=10&shortlist=500  body: an image file -> captions (indexes of `tvrn extract` data;
                                           refused with 409 when the gallery or the model has another recipe)
 
 Model calls run in a bounded pool (`workers` at a time, `queue` waiting); when it is full a search gets 503 with
-Retry-After at once instead of piling up. `tvrn serve` runs them in worker processes that each open the index
+Retry-After at once instead of piling up; an upload takes its place in the pool before its body is read, so
+when the pool is full it gets 503 without a byte of its body read (a Content-Length above the limit: 413, a
+multipart form: 400, also unread). `tvrn serve` runs them in worker processes that each open the index
 (`ModelPool`), so model work never holds the server's GIL; `create_app` uses threads unless asked. The page,
 /api/info and image files never touch the pool, so they never wait behind model work. uvicorn's HTTP protocol
 (httptools when installed, else h11) is extended with a header timeout: a connection that has
 not sent a complete request head within `header_timeout` seconds (idle, or half a header) is closed; idle
 keep-alive connections close after `keepalive_timeout`; a request head above 16 KB is refused (400, JSON); an
 upload whose body has not arrived within `Limits.body_timeout_s` gets 408 and the connection is closed.
-With a token (`--token` or TVRN_SERVE_TOKEN), every /api route needs `Authorization: Bearer TOKEN` (the page
-reads it from its URL: /#token=TOKEN).
+With a token (`--token` or TVRN_SERVE_TOKEN), every /api route and /images/N need `Authorization: Bearer TOKEN`
+(the page reads it from its URL: /#token=TOKEN); /images/N also takes it as ?token=TOKEN, since the page's <img>
+cannot send a header (compared in constant time, and removed from the query string the access log shows).
 
 Needs the `serve` extra: pip install "tvrn[serve]" (fastapi, uvicorn).
 """
@@ -32,19 +36,22 @@ import ipaddress
 import json
 import mimetypes
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
+from pathlib import Path
 from typing import Callable, Optional
 
-from .index import SearchIndex
-from .service import Limits, SearchService, ServiceError, parse_index
+from .index import SearchIndex, inside_folder
+from .service import MULTIPART, Limits, SearchService, ServiceError, looks_multipart, parse_index
 
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
     from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as e:  # the serve extra is not installed
     _MISSING = e
@@ -158,13 +165,22 @@ class ModelPool:
         return list(await asyncio.gather(*[loop.run_in_executor(self.executor, _worker_ping)
                                            for _ in range(self.workers)]))
 
-    async def run(self, method: str, *args) -> dict:
-        from concurrent.futures.process import BrokenProcessPool
-
+    def reserve(self) -> None:
+        """Take a place in the pool now, or raise ServiceError(503) when it is full; `run(..., reserved=True)`
+        then uses it (an upload reserves before reading its body), `release()` gives it back unused."""
         if self.pending >= self.capacity:
             raise ServiceError(503, f"busy: {self.pending} searches running or waiting; try again shortly",
                                retry_after=1)
         self.pending += 1  # only the event loop thread changes it
+
+    def release(self) -> None:
+        self.pending -= 1
+
+    async def run(self, method: str, *args, reserved: bool = False) -> dict:
+        from concurrent.futures.process import BrokenProcessPool
+
+        if not reserved:
+            self.reserve()
         loop = asyncio.get_running_loop()
         try:
             if not self.processes:
@@ -195,13 +211,33 @@ _SAFE_HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"
 
 
 class _Guard:
-    """ASGI middleware in front of every route: the request head bound, the bearer token on /api routes, HEAD
-    served as GET, and no-store / nosniff on every answer. Plain ASGI, not Starlette's BaseHTTPMiddleware (which
-    costs every request an extra task and a stream)."""
+    """ASGI middleware in front of every route: the request head bound, the bearer token on /api routes and image
+    files (there also as ?token=, removed from the query string before the route and the access log see it),
+    HEAD served as GET, and no-store / nosniff on every answer. Plain ASGI, not Starlette's BaseHTTPMiddleware
+    (which costs every request an extra task and a stream)."""
 
     def __init__(self, app, token: Optional[str] = None):
         self.app = app
         self.expected = None if token is None else f"Bearer {token}".encode()
+        self.token = None if token is None else token.encode()
+
+    def _authorized(self, scope, images: bool) -> bool:
+        """The Authorization header, or for image files a ?token= parameter; constant-time comparisons. The
+        token parameter is dropped from the scope's query string (in place: uvicorn's access log reads it)."""
+        got = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        ok = hmac.compare_digest(got, self.expected)
+        if images and scope.get("query_string"):
+            from urllib.parse import unquote_to_bytes
+
+            kept = []
+            for part in scope["query_string"].split(b"&"):
+                name, _, value = part.partition(b"=")
+                if name == b"token":
+                    ok = hmac.compare_digest(unquote_to_bytes(value.replace(b"+", b" ")), self.token) or ok
+                else:
+                    kept.append(part)
+            scope["query_string"] = b"&".join(kept)
+        return ok
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -211,11 +247,12 @@ class _Guard:
         if head > MAX_HEAD_BYTES:  # h11 bounds only heads that arrive in pieces
             return await _error(400, f"request head of {head} bytes, at most {MAX_HEAD_BYTES}",
                                 {"Connection": "close"})(scope, receive, send)
-        if self.expected is not None and scope["path"].startswith("/api/"):
-            got = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not hmac.compare_digest(got, self.expected):
-                return await _error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)",
-                                    {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        images = scope["path"].startswith("/images/")
+        if self.expected is not None and (images or scope["path"].startswith("/api/")):
+            if not self._authorized(scope, images):
+                how = "Authorization: Bearer TOKEN" + (", or ?token=TOKEN on image files" if images else "")
+                return await _error(401, f"missing or wrong bearer token ({how}); in a browser, open the page as "
+                                         f"/#token=TOKEN", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
         head_only = scope["method"] == "HEAD"
         if head_only:  # routes answer GET; the server (whose scope still says HEAD) sends no body
             scope = dict(scope, method="GET")
@@ -302,30 +339,61 @@ def create_app(index: SearchIndex, token: Optional[str] = None, workers: int = 1
 
     @app.post("/api/query-image")
     async def query_image(request: Request, k: Optional[str] = None, shortlist: Optional[str] = None):
+        # refusals that need no body come first: nothing of it is read (or buffered) for them
         declared = request.headers.get("content-length")
         if declared and declared.isascii() and declared.isdigit() and int(declared) > limits.max_upload_bytes:
             raise ServiceError(413, f"image of {declared} bytes, at most {limits.max_upload_bytes}")
-        body = bytearray()
+        if looks_multipart(request.headers.get("content-type")):
+            raise ServiceError(400, MULTIPART)
+        pool.reserve()  # 503 now when the pool is full; else the place is this upload's while its body arrives
+        handed = False
         try:
-            async with asyncio.timeout(limits.body_timeout_s):  # a body trickling in holds nothing for long
-                async for chunk in request.stream():  # bounded read: stop at the limit
-                    body += chunk
-                    if len(body) > limits.max_upload_bytes:
-                        raise ServiceError(413, f"image above {limits.max_upload_bytes} bytes")
-        except TimeoutError:
-            return _error(408, f"the request body did not arrive within {limits.body_timeout_s:g} s "
-                               f"({len(body)} bytes came)", {"Connection": "close"})
-        return JSONResponse(await pool.run("image_file", bytes(body), k, shortlist))
+            body = bytearray()
+            try:
+                async with asyncio.timeout(limits.body_timeout_s):  # a body trickling in holds nothing for long
+                    async for chunk in request.stream():  # bounded read: stop at the limit
+                        body += chunk
+                        if len(body) > limits.max_upload_bytes:
+                            raise ServiceError(413, f"image above {limits.max_upload_bytes} bytes")
+            except TimeoutError:
+                return _error(408, f"the request body did not arrive within {limits.body_timeout_s:g} s "
+                                   f"({len(body)} bytes came)", {"Connection": "close"})
+            except ClientDisconnect:  # the client left mid-body: its place is given back, nobody to answer
+                return Response(status_code=400)
+            handed = True  # run() releases the place
+            return JSONResponse(await pool.run("image_file", bytes(body), k, shortlist, reserved=True))
+        finally:
+            if not handed:
+                pool.release()
 
     @get("/images/{raw}")
     async def image_file(raw: str):
         file = index.image_path(parse_index(raw, index.num_images, "gallery image"))
-        if file is None:
-            raise ServiceError(404, f"gallery image {raw} has no image file in this index")
-        data = await asyncio.get_running_loop().run_in_executor(None, file.read_bytes)
+        data = None if file is None else \
+            await asyncio.get_running_loop().run_in_executor(None, _read_image_file, file, index.image_dir)
+        if data is None:
+            raise ServiceError(404, f"gallery image {raw} has no image file in this index (only regular files "
+                                    f"inside its image folder are served)")
         return Response(data, media_type=mimetypes.guess_type(file.name)[0] or "application/octet-stream")
 
     return app
+
+
+def _read_image_file(file: Path, image_dir: str) -> Optional[bytes]:
+    """The bytes of `file` when it is a regular file inside `image_dir` once links are resolved, else None. Read
+    through the resolved path without following a link there, and checked again on the open file (a file
+    swapped for a link or a FIFO after the check is not read)."""
+    try:
+        real = inside_folder(file, Path(image_dir).resolve())
+        if real is None:
+            return None
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except (OSError, RuntimeError, ValueError):
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        return f.read()
 
 
 def _json_400(msg: str) -> tuple[bytes, list]:

@@ -44,15 +44,42 @@ class Limits:
     body_timeout_s: float = 30.0  # an upload whose body has not all arrived by then: 408, connection closed
 
 
-def _int(raw: Optional[str], name: str, default: int, minimum: int) -> int:
+def _int(raw: Optional[str], name: str, default: int, minimum: int, maximum: int) -> int:
+    """A query parameter: an integer >= minimum (values above `maximum`, the gallery size, are clamped by the
+    caller); a non-integer, or one too long to be a count, is refused saying the range."""
     if raw is None or raw == "":
         return default
     if not re.fullmatch(r"-?[0-9]{1,9}", raw):
-        raise ServiceError(400, f"parameter {name} must be an integer, got {raw[:40]!r}")
+        raise ServiceError(400, f"parameter {name} must be an integer between {minimum} and {maximum}, got "
+                                f"{raw[:40]!r}")
     value = int(raw)
     if value < minimum:
         raise ServiceError(400, f"parameter {name} must be at least {minimum}, got {value}")
     return value
+
+
+_REPR = re.compile(r"<[A-Za-z_][\w.]* object at 0x[0-9A-Fa-f]+>")
+
+
+def looks_multipart(content_type: Optional[str], data: bytes = b"") -> bool:
+    """An HTML form / `curl -F` upload (multipart/form-data), by its Content-Type or by its first bytes."""
+    if content_type and content_type.split(";", 1)[0].strip().lower().startswith("multipart/"):
+        return True
+    return data[:2] == b"--" and b"content-disposition: form-data" in data[:4096].lower()
+
+
+MULTIPART = ("the request body is a multipart form (an HTML form or curl -F), not an image file: send the image "
+             "file itself as the body, e.g. curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg' URL")
+
+
+def upload_problem(message: str, data: bytes) -> str:
+    """What was wrong with an uploaded body, for a 400: no Python object reprs (`<_io.BytesIO object at 0x..>`)."""
+    if looks_multipart(None, data):
+        return MULTIPART
+    if "UnidentifiedImageError" in message:
+        return (f"the request body ({len(data)} bytes) is not an image file: its first bytes are no image format "
+                f"this server decodes (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)")
+    return _REPR.sub("the request body", message)
 
 
 def parse_index(raw: str, n: int, what: str) -> int:
@@ -97,8 +124,9 @@ class SearchService:
         """Text -> images: {"query", "k", "shortlist", "hits", "unknown_words", ...}."""
         q = self.check_query(q)
         lim, notes, t0 = self.limits, {}, time.perf_counter()
-        k_, s_ = self._clamp(_int(k, "k", lim.default_k, 1), _int(shortlist, "shortlist", lim.default_text_shortlist, 0),
-                             self.index.num_images, notes)
+        n = self.index.num_images
+        k_, s_ = self._clamp(_int(k, "k", lim.default_k, 1, n),
+                             _int(shortlist, "shortlist", lim.default_text_shortlist, 0, n), n, notes)
         words = self.index.query_words(q)
         out = {"query": q, "k": k_, "shortlist": s_ or 0, "unknown_words": words["unknown"]}
         if notes:
@@ -123,11 +151,14 @@ class SearchService:
         """Gallery image -> captions: {"image", "image_id", "captions", "hits" (relevant: its own), ...}."""
         image = parse_index(raw, self.index.num_images, "gallery image")
         lim, notes, t0 = self.limits, {}, time.perf_counter()
-        k_, s_ = self._clamp(_int(k, "k", lim.default_k, 1),
-                             _int(shortlist, "shortlist", lim.default_image_shortlist, 0), self.index.num_captions, notes)
+        n = self.index.num_captions
+        k_, s_ = self._clamp(_int(k, "k", lim.default_k, 1, n),
+                             _int(shortlist, "shortlist", lim.default_image_shortlist, 0, n), n, notes)
         hits = self.index.search_image(image, k=k_, shortlist=s_)
+        own = self.index.caption_indices_of(image)
         out = {"image": image, "image_id": self.index.image_ids[image], "k": k_, "shortlist": s_ or 0,
-               "image_url": self._url(image), "captions": self.index.captions_of(image),
+               "image_url": self._url(image), "captions": [self.index.captions[c] for c in own],
+               "caption_indices": own,  # the page shows them all, ranked in the top k or not
                "hits": [dict(self._hit(h, captions=False), relevant=h.image_index == image) for h in hits],
                "seconds": time.perf_counter() - t0}
         if notes:
@@ -147,13 +178,16 @@ class SearchService:
         problem = image_query_problem(self.index)
         if problem:
             raise ServiceError(409, f"image file queries refused: {problem}")
+        if looks_multipart(None, data):
+            raise ServiceError(400, MULTIPART)
         lim, notes, t0 = self.limits, {}, time.perf_counter()
-        k_, s_ = self._clamp(_int(k, "k", lim.default_k, 1),
-                             _int(shortlist, "shortlist", lim.default_image_shortlist, 0), self.index.num_captions, notes)
+        n = self.index.num_captions
+        k_, s_ = self._clamp(_int(k, "k", lim.default_k, 1, n),
+                             _int(shortlist, "shortlist", lim.default_image_shortlist, 0, n), n, notes)
         try:
             hits = self.index.search_image_file(bytes(data), k=k_, shortlist=s_)
         except SearchIndexError as e:
-            raise ServiceError(400, str(e)) from None
+            raise ServiceError(400, upload_problem(str(e), data)) from None
         out = {"k": k_, "shortlist": s_ or 0, "hits": [self._hit(h, captions=False) for h in hits],
                "seconds": time.perf_counter() - t0}
         if notes:

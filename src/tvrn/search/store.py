@@ -158,6 +158,15 @@ class NpyRowWriter:
             os.close(self.fd)
             self.fd = None
 
+    def abort(self) -> None:
+        """Close without flushing (a failed build, whose files are removed)."""
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
 
 class StringRows:
     """N strings kept on disk: a UTF-8 text file with one string per line, and the (N + 1,) int64 byte offsets of
@@ -170,6 +179,12 @@ class StringRows:
         self.offsets = NpyRows(offsets)
         self.n = len(self.offsets) - 1
         self.fd = os.open(self.path, os.O_RDONLY)
+        need, have = (int(self.offsets[self.n]) if self.n >= 0 else 0), os.fstat(self.fd).st_size
+        if self.n < 0 or have < need:  # a truncated file: refused on opening, not by the query that reaches its end
+            os.close(self.fd)
+            self.fd = None
+            raise ValueError(f"{self.path}: truncated ({have} bytes, its offsets need {need})" if self.n >= 0
+                             else f"{offsets}: no offsets")
 
     __del__ = _close_fd
 
@@ -276,6 +291,12 @@ class FieldWriter:
                 padded[(slice(None), *(slice(0, k) for k in a.shape[1:]))] = a
                 a = padded
             arr.write(start, a)
+
+    def abort(self) -> None:
+        """Close the files without flushing them (a failed build, whose folder is removed)."""
+        for arr in self.arrays.values():
+            arr.abort()
+        self.arrays.clear()
 
     def close(self) -> dict[str, dict]:
         """Flush the files -> their metadata (with sha256 of each file)."""
