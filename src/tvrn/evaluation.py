@@ -8,8 +8,10 @@ Protocols (DESIGN 6):
              are the mean over folds; the per-fold metrics are returned under "folds".
 - "coco_5k": COCO testall, all 5000 images x 25000 captions.
 - "all":     all pairs of whatever split is given.
-The split sizes are not enforced (smaller synthetic splits work the same way); coco_1k needs Ni divisible by
-the number of folds. Fold k holds images [k * Ni/F, (k+1) * Ni/F) and every caption whose image is in it.
+`evaluate_protocol` does not enforce the split sizes (small splits work the same way from Python, with
+n_folds); coco_1k needs Ni divisible by the number of folds. Fold k holds images [k * Ni/F, (k+1) * Ni/F) and
+every caption whose image is in it. `tvrn eval` (`check_protocol_split`) refuses coco_1k unless its folds hold
+COCO_1K_FOLD_IMAGES images (Ni = 5000): smaller folds rank each query among fewer candidates and inflate recall.
 """
 from __future__ import annotations
 
@@ -25,6 +27,19 @@ from .fileio import atomic_write
 from .metrics import METRIC_NAMES, retrieval_metrics
 
 PROTOCOLS = ("f30k_1k", "coco_1k", "coco_5k", "all")
+COCO_1K_FOLDS, COCO_1K_FOLD_IMAGES = 5, 1000  # coco_1k: 5 folds of 1000 images (COCO testall, 5000 images)
+
+
+def check_protocol_split(protocol: str, n_images: int, where: str = "the split") -> None:
+    """Refuse coco_1k on a split that does not make COCO_1K_FOLDS folds of COCO_1K_FOLD_IMAGES images (ValueError
+    naming `where` and its size): 5 folds of a small split rank each query among a fifth of it, and their
+    recall is not comparable with anything (use "all" on such a split)."""
+    want = COCO_1K_FOLDS * COCO_1K_FOLD_IMAGES
+    if protocol == "coco_1k" and n_images != want:
+        raise ValueError(f"protocol coco_1k scores {COCO_1K_FOLDS} folds of {COCO_1K_FOLD_IMAGES} images (COCO "
+                         f"testall, {want} images), but {where} has {n_images} images: its folds would hold "
+                         f"{n_images / COCO_1K_FOLDS:g} images each, and recall over so few candidates is not the "
+                         f"1K protocol's; use --protocol all (all pairs of the split)")
 
 
 def evaluate(scores: torch.Tensor, caption_to_image: torch.Tensor) -> dict[str, float]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import ConfigError, apply_overrides, describe_differences, load_config, save_config
 from .data import PairDataset, PrecompSplit, Vocabulary, iter_image_batches, iter_text_batches, load_split
-from .evaluation import ensemble, evaluate, evaluate_protocol, load_scores
+from .evaluation import check_protocol_split, ensemble, evaluate, evaluate_protocol, load_scores
 from .models import BertTokenizer, create_model, glove_vectors
 from .scoring import encode_images, encode_texts, score_all
 from .train.checkpoint import load_checkpoint
@@ -293,6 +293,34 @@ def model_from_checkpoint(ckpt: dict, source: str = "<checkpoint>"):
     return model, build_tokenizer(model.config, vocab)
 
 
+def check_model_fits_split(model: nn.Module, split: PrecompSplit, checkpoint: str | os.PathLike = "<checkpoint>") \
+        -> None:
+    """Refuse, before anything is encoded, a model whose image input does not fit the split's features
+    (ValueError naming the checkpoint, the features file and both sizes): model.img_dim against the features'
+    size Dv, and, for SGRAF's BatchNorm image pooling (image_pool_norm="batch", fixed token slots), the slots
+    against the tokens the split gives (2 x R with module 1, unify, on: [V; M]; else R). `tvrn eval` and
+    `tvrn index` call it."""
+    cfg = getattr(model, "config", None)
+    img_dim = getattr(cfg, "img_dim", None)
+    file = getattr(split, "features_file", f"split {getattr(split, 'split', '?')!r}")
+    if img_dim is not None and int(img_dim) != split.feature_size:
+        raise ValueError(f"checkpoint {checkpoint} takes image features of size {img_dim} (model.img_dim), but "
+                         f"{file} has features of size {split.feature_size} ({split.num_regions} regions x "
+                         f"{split.feature_size}): the model was trained on data of another feature extraction; use "
+                         f"it with data of size {img_dim}, or train a model on this data")
+    if getattr(cfg, "image_pool_norm", None) == "batch":
+        regions = split.num_regions
+        unify = bool(getattr(cfg, "unify", False))
+        tokens = 2 * regions if unify else regions
+        if int(cfg.image_pool_tokens) != tokens:
+            how = f"2 x {regions} regions with module 1 (unify) on" if unify else f"{regions} regions"
+            raise ValueError(f"checkpoint {checkpoint} pools images with BatchNorm over {cfg.image_pool_tokens} "
+                             f"token slots (model.image_pool_norm=batch, image_pool_tokens={cfg.image_pool_tokens}), "
+                             f"but {file} has {regions} regions per image, which give {tokens} tokens ({how}): the "
+                             f"model was trained on data with another region count; use it with data of "
+                             f"{cfg.image_pool_tokens // 2 if unify else cfg.image_pool_tokens} regions")
+
+
 def load_trained(path: str | os.PathLike, map_location="cpu"):
     """A checkpoint written by training -> (model in eval mode, tokenizer, checkpoint config dict)."""
     ckpt = load_checkpoint(path, map_location)
@@ -318,6 +346,7 @@ def evaluate_checkpoints(
     if two_stage and (len(paths) != 1 or str(paths[0]).endswith(".npy")):
         raise ValueError("two-stage evaluation needs exactly one checkpoint (.pt): it re-scores shortlists with the model")
     data_split = load_split(data_root, split)
+    check_protocol_split(protocol, data_split.num_images, f"split {split!r} of {data_root}")
     data = {"eval_batch_size": eval_batch_size, "adjacency_threshold": adjacency_threshold}
     shape = (data_split.num_images, data_split.num_captions)
     c2i = torch.as_tensor(data_split.caption_to_image)
@@ -327,6 +356,7 @@ def evaluate_checkpoints(
             matrices.append(load_scores(p, expected_shape=shape))
         else:
             model, tokenizer, _ = load_trained(p)
+            check_model_fits_split(model, data_split, p)
             if device is not None:
                 model.to(device)
             # two-stage search reuses the encodings (one process); otherwise score_split (split across ranks

@@ -48,6 +48,16 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def stopped_early_line(summary: dict) -> str:
+    """What `tvrn train` says when the trainer stopped before train.epochs (epochs count from 0, as in
+    metrics.jsonl and the best-epoch line)."""
+    done, planned = summary["epochs_completed"], summary.get("epochs_planned")
+    of = f" ({done} of {planned} epochs run)" if planned is not None else ""
+    reason = summary.get("stop_reason") or "no dev RSUM gain for train.patience epochs"
+    return (f"stopped early after epoch {done - 1}{of}: {reason}; best epoch {summary.get('best_epoch')}; "
+            f"set train.patience=0 (--set train.patience=0) to run every epoch")
+
+
 def run(args: argparse.Namespace) -> int:
     from tvrn.config import ConfigError, check_config, check_overrides, list_presets
     from tvrn.data import TvrnDataError
@@ -79,5 +89,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tvrn train: {summary['model_name']} ({summary['parameters'] / 1e6:.2f} M parameters), "
               f"{summary['epochs_completed']} epochs, {summary['steps']} steps"
               + (f", best dev RSUM {best:.1f} at epoch {summary['best_epoch']}" if best is not None else ""))
+        if summary.get("stopped_early"):
+            print(f"  {stopped_early_line(summary)}")
         print(f"  checkpoints: {summary['best_checkpoint'] or summary['last_checkpoint']}; log: {out}/metrics.jsonl")
     return 0

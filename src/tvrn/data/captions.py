@@ -37,7 +37,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from ..fileio import atomic_write
-from .errors import TvrnDataError
+from .errors import TvrnDataError, utf8_error_position
 
 CAPTION_FORMATS = ("auto", "csv", "tsv", "jsonl", "coco", "flickr")
 IMAGE_KEYS = ("image", "image_name", "file_name", "filename", "file", "path", "image_path", "img")
@@ -94,8 +94,12 @@ def read_captions(path: str | os.PathLike, fmt: str = "auto") -> list[CaptionRec
         with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        line = text_line_of_byte(path, e.start)
-        raise CaptionFileError(path, f"line {line}", f"not UTF-8 text ({e.reason})") from None
+        with open(path, "rb") as fb:  # the offset in the file (the decoder's skips a byte-order mark)
+            found = utf8_error_position(fb.read())
+        line, offset, byte, reason = found or (text_line_of_byte(path, e.start), e.start, None, e.reason)
+        what = f"byte 0x{byte:02x} at byte offset {offset}" if byte is not None else f"byte offset {offset}"
+        raise CaptionFileError(path, f"line {line}", f"not UTF-8 text ({what}: {reason}); save the file as "
+                                                     f"UTF-8") from None
     records = {"csv": _read_delimited, "tsv": _read_delimited, "jsonl": _read_jsonl, "coco": _read_coco,
                "flickr": _read_flickr}[fmt](text, str(path), fmt)
     if not records:

@@ -95,3 +95,33 @@ class FeatureFileError(TvrnDataError):
         self.file = file
         self.problem = problem
         super().__init__(f"{file}: {problem}")
+
+
+class TextEncodingError(TvrnDataError, ValueError):
+    """A text file of a split (captions, ids, caption map) that is not UTF-8: names the file, the (1-based) line
+    and the (0-based) byte offset of the first byte that is not UTF-8."""
+
+    def __init__(self, file: str, line_number: int, byte_offset: int, byte: Optional[int] = None, reason: str = ""):
+        self.file, self.line_number, self.byte_offset, self.byte = str(file), line_number, byte_offset, byte
+        what = f"byte 0x{byte:02x} at byte offset {byte_offset}" if byte is not None else f"byte offset {byte_offset}"
+        why = f", {reason}" if reason else ""
+        super().__init__(f"{self.file} is not UTF-8 text: line {line_number}, {what}{why}; save the file as UTF-8")
+
+
+def utf8_error_position(data: bytes) -> Optional[tuple[int, int, int, str]]:
+    """Where bytes stop being UTF-8 -> (1-based line, byte offset, the byte, reason), or None if they are UTF-8.
+    Lines end at \\n, \\r\\n or \\r, as a text-mode read counts them."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        head = data[: e.start].decode("utf-8")
+        line = head.replace("\r\n", "\n").replace("\r", "\n").count("\n") + 1
+        return line, e.start, data[e.start], e.reason
+    return None
+
+
+def text_encoding_error(path: "str | os.PathLike[str]") -> Optional[TextEncodingError]:
+    """The TextEncodingError of a file that is not UTF-8 (its first bad byte), or None when it is UTF-8."""
+    with open(path, "rb") as f:
+        where = utf8_error_position(f.read())
+    return None if where is None else TextEncodingError(os.fspath(path), *where)

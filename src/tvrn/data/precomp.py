@@ -35,6 +35,8 @@ from .errors import (
     EmptyCaptionError,
     MissingFileError,
     NonFiniteFeatureError,
+    TextEncodingError,
+    text_encoding_error,
 )
 from .geometry import check_boxes
 
@@ -124,9 +126,16 @@ class NpyRows:
 
 
 def _read_lines(path: str) -> list[str]:
-    """Lines of a UTF-8 text file, stripped; a trailing newline does not make an extra line."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    """Lines of a UTF-8 text file, stripped; a trailing newline does not make an extra line. A file that is not
+    UTF-8 raises `TextEncodingError` (file, line, byte offset of the first bad byte)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        err = text_encoding_error(path)
+        if err is None:  # the file changed under us: report what the decoder saw
+            err = TextEncodingError(path, 0, e.start, None, e.reason)
+        raise err from None
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()

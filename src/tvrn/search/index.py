@@ -254,10 +254,12 @@ class SearchIndex:
 
         image_dir: folder of <image id>.png / .jpg files for the web page; default data_root/images/<split> when
         it exists (the synthetic benchmark renders there)."""
-        from ..pipeline import encode_split
+        from ..pipeline import check_model_fits_split, encode_split
 
+        check_model_recipe(checkpoint_path, data_root)
         model, tokenizer, slim = _load_model(checkpoint_path, device)
         data = load_split(data_root, split)
+        check_model_fits_split(model, data, checkpoint_path)
         enc_i, enc_t = encode_split(model, data, tokenizer, {"eval_batch_size": batch_size,
                                                               "adjacency_threshold": adjacency_threshold},
                                     device=device, progress=progress)
@@ -274,12 +276,15 @@ class SearchIndex:
         gallery size), then open it. dtype: how encodings are stored (float32 / float16 / bfloat16);
         faiss: a FAISS factory string for the shortlist indexes ("Flat", "IVF1024,Flat", "HNSW32", ...)."""
         from ..data import iter_image_batches, iter_text_batches
+        from ..pipeline import check_model_fits_split
         from .image_query import extract_record
 
         data = load_split(data_root, split)
         if faiss is not None:  # before any encoding: a bad factory string costs nothing
             check_faiss(faiss, *_train_count(data.num_images, data.num_captions))
+        check_model_recipe(checkpoint_path, data_root)
         model, tokenizer, slim = _load_model(checkpoint_path, device)
+        check_model_fits_split(model, data, checkpoint_path)
         tokens = [tokenizer.encode(c) for c in data.captions]
         writer = _IndexWriter(out, data.num_images, data.num_captions, dtype, max_words=max(map(len, tokens)))
         try:
@@ -567,6 +572,33 @@ class SearchIndex:
                 "on_disk": self.images.on_disk, "faiss": self.image_vec.faiss is not None}
 
 
+def check_model_recipe(checkpoint_path, data_root) -> None:
+    """Refuse (SearchIndexError) to index a gallery whose features `tvrn extract` made with another recipe than
+    the data the model was trained on (its checkpoint's or run.json's data.root), when both folders record their
+    recipe: the model has not learned features made that way, so its text and photo answers would be noise.
+    Nothing is refused when either recipe is unknown (features not made by `tvrn extract`)."""
+    from ..extract.features import recipe_difference, same_recipe
+    from ..extract.folder import MANIFEST
+    from .image_query import _manifest_extractor, _training_root
+
+    gallery = _manifest_extractor(data_root)
+    if gallery is None:
+        return
+    train_root = _training_root(checkpoint_path)
+    model_data = _manifest_extractor(train_root)
+    if model_data is None or same_recipe(gallery, model_data):
+        return
+
+    def recipe(rec: dict) -> str:
+        return ", ".join(f"{k}={v}" for k, v in (rec.get("recipe") or {}).items())
+
+    raise SearchIndexError(
+        f"checkpoint {checkpoint_path} was trained on features of another extraction recipe than the gallery's: "
+        f"model data {Path(train_root) / MANIFEST} ({recipe(model_data)}) vs gallery {Path(data_root) / MANIFEST} "
+        f"({recipe(gallery)}); differences: {'; '.join(recipe_difference(model_data, gallery))}. Index data "
+        f"extracted with the model's recipe (tvrn extract with the same options), or train a model on this data")
+
+
 def _load_model(checkpoint_path, device):
     """(model in eval mode, tokenizer, the slim checkpoint an index stores: config, weights, vocabulary)."""
     from ..pipeline import load_trained
@@ -815,4 +847,5 @@ class _IndexWriter:
             _remove(old)
 
 
-__all__ = ["FaissSpecError", "Hit", "SearchIndex", "SearchIndexError", "check_faiss", "stale_temporaries"]
+__all__ = ["FaissSpecError", "Hit", "SearchIndex", "SearchIndexError", "check_faiss", "check_model_recipe",
+           "stale_temporaries"]

@@ -112,17 +112,32 @@ class TrainConfig:
 
 # TrainConfig fields a resume may change: how long to train and how to log or load, not what is computed
 RESUME_MAY_CHANGE = ("epochs", "num_workers", "tensorboard", "log_every_steps", "save_every_steps", "out_dir")
+# run-config keys whose values are paths: a resume compares the files they name, not how they are spelled
+# (data/synth and /home/me/data/synth, or a symlink to it, are the same folder)
+PATH_KEYS = ("data.root", "data.vocab", "train.partner_file")
 
 
 def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """Dotted keys of a checkpoint's config ({"model_name", "model", "train"}) that a resume with `current` would
-    change, leaving out RESUME_MAY_CHANGE."""
+    change, leaving out RESUME_MAY_CHANGE and the PATH_KEYS that name the same file (resolved paths equal)."""
     from ..config import config_differences
 
     saved = saved or {}
     keys = config_differences(saved, current)
     return [k for k in keys if not (k.startswith("train.") and k[len("train."):] in RESUME_MAY_CHANGE)
-            and not _new_field_at_default(saved, current, k)]
+            and not _new_field_at_default(saved, current, k) and not _same_path(saved, current, k)]
+
+
+def _same_path(saved: dict, current: dict, key: str) -> bool:
+    """Whether a PATH_KEYS key names the same file in both configs, spelled differently (relative / absolute,
+    through a symlink, with ./ or a trailing slash): resolved against the working directory."""
+    if key not in PATH_KEYS:
+        return False
+    section, _, name = key.partition(".")
+    a, b = (saved.get(section) or {}).get(name), (current.get(section) or {}).get(name)
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _new_field_at_default(saved: dict, current: dict, key: str) -> bool:
@@ -452,8 +467,10 @@ class Trainer:
         """Train for config.epochs (or until early stop) -> summary dict.
 
         resume: False (start fresh), True (continue from out_dir/last.pt if it exists, else start fresh), or a
-        checkpoint path (must exist). Returns {"epochs_completed", "steps", "best_rsum", "best_epoch",
-        "stopped_early", "metrics", "train_loss", "last_checkpoint", "best_checkpoint", "resumed_from"}.
+        checkpoint path (must exist). Returns {"epochs_completed", "epochs_planned", "steps", "best_rsum",
+        "best_epoch", "stopped_early", "stop_reason", "metrics", "train_loss", "last_checkpoint", "best_checkpoint",
+        "resumed_from"}. stop_reason: why training ended before config.epochs (early stopping: "no dev RSUM gain
+        for P epochs (train.patience=P)"), None when it ran them all. Epochs count from 0, as in metrics.jsonl.
         """
         cfg = self.config
         self._setup()
@@ -528,12 +545,16 @@ class Trainer:
         finally:
             self.logger.close()
         best = self.out_dir / "best.pt"
+        stop_reason = (f"no dev RSUM gain for {self.epochs_since_best} epochs (train.patience={cfg.patience})"
+                       if stopped_early else None)
         return {
             "epochs_completed": completed,
+            "epochs_planned": cfg.epochs,
             "steps": self.step,
             "best_rsum": self.best_rsum,
             "best_epoch": self.best_epoch,
             "stopped_early": stopped_early,
+            "stop_reason": stop_reason,
             "metrics": self.last_metrics,
             "train_loss": train_loss,
             "last_checkpoint": str(self.out_dir / "last.pt"),
