@@ -20,7 +20,8 @@ process:
 Reported per side: pairs/s (B^2 / median step time of --steps steps after a warm-up), training FLOPs per pair
 (forward + backward, counted with torch.utils.flop_counter on the warm-up step), share of this machine's 4096^2
 fp32 matmul rate (measured in the same process before and after the steps, the better of the two), peak RSS
-(VmHWM of the process, model and data included), and for tvrn the pairs recomputed in backward. With
+(VmHWM of the process over the timed steps, model and data included; the FLOP-counted warm-up step, which
+FlopCounterMode makes heavier, is reported apart as peak_rss_warmup_bytes), and for tvrn the pairs recomputed in backward. With
 --profile, a stage breakdown of one step (encoders, scores, loss, backward: pair recomputation vs the rest,
 optimiser). A side whose memory, extrapolated from the batch before (B^2), would not fit the machine is skipped
 and says so.
@@ -142,6 +143,12 @@ def worker(a) -> dict:
     with FlopCounterMode(display=False) as fc:  # the warm-up step, counted
         step()
     flops = fc.get_total_flops()
+    warmup_peak = status("VmHWM:")  # FlopCounterMode keeps what it counts: the counted step peaks higher
+    try:  # reset VmHWM (Linux: "5" > clear_refs), so the peak below is that of the timed steps
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
     times, recomputed = [], []
     for _ in range(a.steps):
         t = time.perf_counter()
@@ -152,6 +159,7 @@ def worker(a) -> dict:
     out = {"model": name, "batch": B, "side": side, "loss_mode": a.loss, "step_s": statistics.median(times),
            "times_s": times, "pairs_per_s": B * B / statistics.median(times), "train_flops_per_pair": flops / B**2,
            "matmul_gflop_per_s": max(mm) / 1e9, "peak_rss_bytes": status("VmHWM:"), "rss_before_bytes": base,
+           "peak_rss_warmup_bytes": warmup_peak,
            "loss": loss, "recomputed_pairs": recomputed[-1], "gradient_density": path.density}
     out["matmul_share"] = flops / out["step_s"] / max(mm)
     if a.profile:

@@ -62,6 +62,7 @@ SUITES = {
         "TVRN as published, first-image refinement": PUBLISHED + ["model.refine_against=first_image"],
         "TVRN, published loss": TVRN + PUBLISHED_LOSS,
         "SGRAF (SGR), published loss": ["model.name=sgraf_sgr"] + PUBLISHED_LOSS,
+        "TVRN as published, published loss": PUBLISHED + PUBLISHED_LOSS,  # the authors' computation and loss
     },
     "study": {
         "TVRN": TVRN,
