@@ -6,31 +6,18 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tvrn.cli import main
-from tvrn.data import Vocabulary
-from tvrn.data.synth import SynthConfig, write_dataset
 from tvrn.models import create_model
 from tvrn.train.checkpoint import save_model
 
+from helpers import assert_refused, run_cli, tiny_synth  # noqa: E402
+
 SRC = Path(__file__).parents[1] / "src"
-
-
-def run_cli(argv, capsys):
-    """main(argv) in this process -> (status, stderr); argparse's refusals are SystemExit."""
-    capsys.readouterr()
-    t0 = time.time()
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    assert time.time() - t0 < 60
-    return rc, capsys.readouterr().err
 
 
 def run_subprocess(argv, timeout=60):
@@ -42,21 +29,11 @@ def run_subprocess(argv, timeout=60):
     return proc.returncode, proc.stderr
 
 
-def assert_refused(rc, err, *names, code=2):
-    assert rc == code, err
-    assert "Traceback" not in err, err
-    for name in names:
-        assert name in err, (name, err)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny synthetic precomp folder, a small model checkpoint of it and its search index."""
     root = tmp_path_factory.mktemp("hostile")
-    data = root / "data"
-    write_dataset(data, SynthConfig(seed=4, train_images=6, dev_images=2, test_images=4, regions=8, feature_dim=32,
-                                    render_images=False, twin_fraction=0.0))
-    vocab = Vocabulary.load(data / "vocab.json")
+    data, vocab = tiny_synth(root)
     torch.manual_seed(0)
     model = create_model("vse", img_dim=32, embed_size=16, word_dim=8, vocab_size=len(vocab))
     ckpt = root / "model.pt"
@@ -88,7 +65,7 @@ BAD_VALUES = [  # (argv, what stderr must name)
 
 @pytest.mark.parametrize("argv,name", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
 def test_bad_values_are_refused_by_name(argv, name, capsys):
-    rc, err = run_cli(argv, capsys)
+    rc, _, err = run_cli(argv, capsys)
     assert_refused(rc, err, name)
 
 
@@ -143,7 +120,7 @@ SET_CASES = [
 
 @pytest.mark.parametrize("override,message", SET_CASES, ids=[o for o, _ in SET_CASES])
 def test_set_unknown_keys_and_wrong_types(override, message, capsys, tmp_path):
-    rc, err = run_cli(["train", "--config", "tvrn_synth", "--data", tmp_path, "--out", tmp_path / "run",
+    rc, _, err = run_cli(["train", "--config", "tvrn_synth", "--data", tmp_path, "--out", tmp_path / "run",
                        "--set", override], capsys)
     assert_refused(rc, err, "tvrn train: --set " + override, message)
     assert len(err.strip().splitlines()) == 1
@@ -165,7 +142,7 @@ def test_eval_of_a_text_file_as_checkpoint(tiny, tmp_path, capsys):
     _, data, _, _ = tiny
     fake = tmp_path / "notes.pt"
     fake.write_text("these are my notes, not a checkpoint\n")
-    rc, err = run_cli(["eval", fake, "--data", data, "--no-progress"], capsys)
+    rc, _, err = run_cli(["eval", fake, "--data", data, "--no-progress"], capsys)
     assert_refused(rc, err, "tvrn eval:", "notes.pt")
     assert len(err.strip().splitlines()) == 1
 
@@ -178,7 +155,7 @@ def test_resume_from_another_models_checkpoint_is_one_line_and_debug_shows_the_t
     argv = ["train", "--config", "tvrn_synth", "--data", data, "--model", "sgraf_sgr", "--out", out, "--resume",
             "--set", "model.embed_size=16", "--set", "model.sim_dim=8", "--set", "model.word_dim=8",
             "--epochs", "1", "--batch-size", "4", "--no-progress"]
-    rc, err = run_cli(argv, capsys)
+    rc, _, err = run_cli(argv, capsys)
     assert_refused(rc, err, "tvrn train: cannot resume from", "last.pt")
     assert len(err.strip().splitlines()) == 1
     with pytest.raises(ValueError, match="cannot resume from"):
@@ -192,7 +169,7 @@ def test_interrupt_is_130_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(convert, "run", interrupted)
-    rc, err = run_cli(["convert", "x", "--from", "scan", "--out", "y"], capsys)
+    rc, _, err = run_cli(["convert", "x", "--from", "scan", "--out", "y"], capsys)
     assert_refused(rc, err, "tvrn convert: interrupted", code=130)
 
     def bug(args):
@@ -216,7 +193,7 @@ def test_boundary_turns_expected_errors_into_one_line(monkeypatch, capsys):
             raise exc
 
         monkeypatch.setattr(convert, "run", raise_it)
-        rc, err = run_cli(["convert", "x", "--from", "scan", "--out", "y"], capsys)
+        rc, _, err = run_cli(["convert", "x", "--from", "scan", "--out", "y"], capsys)
         assert_refused(rc, err, "tvrn convert: ", text)
         assert len(err.strip().splitlines()) == 1
 
@@ -232,5 +209,5 @@ def test_search_takes_options_before_or_after_the_query(tiny, capsys):
         assert main([str(a) for a in argv]) == 0
         outs.append(json.loads(capsys.readouterr().out))
     assert len(outs[0]) == 2 and outs[0] == outs[1] == outs[2]
-    rc, err = run_cli(["search", index, "-k", "2", "a red ball", "extra words"], capsys)
+    rc, _, err = run_cli(["search", index, "-k", "2", "a red ball", "extra words"], capsys)
     assert_refused(rc, err, "unrecognized arguments")

@@ -15,41 +15,25 @@ import torch
 from tvrn.cli import main
 from tvrn.data import PrecompSplit, TvrnDataError, Vocabulary, load_split
 from tvrn.data.errors import TextEncodingError
-from tvrn.data.synth import SynthConfig, write_dataset
 from tvrn.models import create_model
 from tvrn.train.checkpoint import save_model
+from helpers import assert_refused, run_cli, tiny_synth
+
+
+def refused_in_one_line(rc, err, *names):
+    assert_refused(rc, err, *names, one_line=True)
+
 
 SMALL = ["--set", "model.embed_size=16", "--set", "model.word_dim=8", "--set", "train.tensorboard=false",
          "--batch-size", "4", "--no-progress"]
-
-
-def run_cli(argv, capsys):
-    """main(argv) in this process -> (status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def assert_refused(rc, err, *names):
-    assert rc == 2, err
-    assert "Traceback" not in err, err
-    assert len(err.strip().splitlines()) == 1, err
-    for name in names:
-        assert name in err, (name, err)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny synthetic precomp folder (8 regions of 32 features; test: 4 images) and its vocabulary."""
     root = tmp_path_factory.mktemp("runs")
-    data = root / "data"
-    write_dataset(data, SynthConfig(seed=4, train_images=6, dev_images=2, test_images=4, regions=8, feature_dim=32,
-                                    render_images=False, twin_fraction=0.0))
-    return root, data, Vocabulary.load(data / "vocab.json")
+    data, vocab = tiny_synth(root)
+    return root, data, vocab
 
 
 def _checkpoint(path, vocab, name="vse", **config):
@@ -102,7 +86,7 @@ def test_coco_1k_on_a_small_split_is_refused(tiny, tmp_path, capsys):
     scores = tmp_path / "s.npy"
     np.save(scores, np.zeros((4, 20), dtype=np.float32))
     rc, _, err = run_cli(["eval", scores, "--data", data, "--protocol", "coco_1k", "--no-progress"], capsys)
-    assert_refused(rc, err, "coco_1k", "has 4 images", "--protocol all", str(data))
+    refused_in_one_line(rc, err, "coco_1k", "has 4 images", "--protocol all", str(data))
     rc, out, err = run_cli(["eval", scores, "--data", data, "--protocol", "all", "--no-progress"], capsys)
     assert rc == 0, err
 
@@ -139,7 +123,7 @@ def test_checkpoint_on_data_of_another_size_is_refused(tiny, tmp_path, capsys, c
     argv = ["eval", ckpt, "--data", data, "--no-progress"] if command == "eval" else \
         ["index", ckpt, "--data", data, "--out", tmp_path / "x.index", "--no-progress"]
     rc, _, err = run_cli(argv, capsys)
-    assert_refused(rc, err, f"tvrn {command}:", "misfit.pt", "test_ims.npy", *names)
+    refused_in_one_line(rc, err, f"tvrn {command}:", "misfit.pt", "test_ims.npy", *names)
     assert "mat1 and mat2" not in err
     assert not (tmp_path / "x.index").exists()
 
@@ -168,7 +152,7 @@ def test_resume_with_a_relative_instead_of_an_absolute_data_path(tiny, tmp_path,
     other = tmp_path / "other"  # another folder is still refused, naming the key
     shutil.copytree(data, other)
     rc, _, err = run_cli([*argv, "--data", other, "--epochs", "3", "--resume"], capsys)
-    assert_refused(rc, err, "cannot resume", "data.root")
+    refused_in_one_line(rc, err, "cannot resume", "data.root")
 
 
 RESUME_PATHS = [  # (saved value, current value, conflict)
@@ -222,7 +206,7 @@ def test_captions_not_utf8_name_file_line_and_byte(tiny, not_utf8, tmp_path, cap
                       *SMALL]}[command]
     rc, _, err = run_cli(argv, capsys)
     split = "train" if command == "train" else "test"
-    assert_refused(rc, err, f"tvrn {command}:", str(not_utf8 / f"{split}_caps.txt"), "not UTF-8", "line 2",
+    refused_in_one_line(rc, err, f"tvrn {command}:", str(not_utf8 / f"{split}_caps.txt"), "not UTF-8", "line 2",
                    "byte offset 30", "0xff")
 
 
@@ -294,7 +278,7 @@ def test_index_of_a_model_trained_on_another_recipe_is_refused(tiny, tmp_path, c
              "grid", "num_regions: 36 != 30"]
     if build == "cli":
         rc, _, err = run_cli(["index", ckpt, "--data", gallery, "--out", out, "--no-progress"], capsys)
-        assert_refused(rc, err, "tvrn index:", *names)
+        refused_in_one_line(rc, err, "tvrn index:", *names)
     else:
         with pytest.raises(SearchIndexError) as e:
             if build == "build":

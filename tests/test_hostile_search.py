@@ -20,24 +20,9 @@ from pathlib import Path
 import pytest
 
 from test_search import setup  # noqa: F401  (the tiny rendered index: root, data, ckpt, path, index, exact)
+from helpers import assert_refused, run_cli
 from tvrn.cli import main
 from tvrn.search import SearchIndex, SearchIndexError
-
-def run_cli(argv, capsys):
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    return rc, capsys.readouterr().err
-
-
-def assert_refused(rc, err, *words):
-    assert rc == 2, err
-    assert "Traceback" not in err, err
-    for w in words:
-        assert w in err, (w, err)
-
 
 def siblings(folder: Path, name: str) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if name in p.name)
@@ -50,15 +35,15 @@ def test_bad_faiss_strings_are_refused_naming_the_option_and_leave_nothing(setup
     out = tmp_path / "out" / "bad.index"
     out.parent.mkdir()
     base = ["index", ckpt, "--data", data, "--split", "test", "--out", out, "--no-progress"]
-    rc, err = run_cli([*base, "--faiss", "Bogus99"], capsys)
+    rc, _, err = run_cli([*base, "--faiss", "Bogus99"], capsys)
     assert_refused(rc, err, "--faiss 'Bogus99'", "could not parse", "accepted: Flat", "HNSW32", "IVF1024,Flat")
-    rc, err = run_cli([*base, "--faiss", "IVF1024,Flat"], capsys)  # 1024 lists, 12 images
+    rc, _, err = run_cli([*base, "--faiss", "IVF1024,Flat"], capsys)  # 1024 lists, 12 images
     assert_refused(rc, err, "--faiss 'IVF1024,Flat'", "1024 inverted lists", "12 images")
-    rc, err = run_cli([*base, "--faiss", "HNSW0"], capsys)  # FAISS itself aborts the process on this one
+    rc, _, err = run_cli([*base, "--faiss", "HNSW0"], capsys)  # FAISS itself aborts the process on this one
     assert_refused(rc, err, "--faiss 'HNSW0'")
     # one that parses but FAISS cannot build for these vectors (PQ: dimension / training points): found at the
     # end of the build, refused the same way, and the temporary folder removed
-    rc, err = run_cli([*base, "--faiss", "PQ32"], capsys)
+    rc, _, err = run_cli([*base, "--faiss", "PQ32"], capsys)
     assert_refused(rc, err, "--faiss 'PQ32'", "FAISS cannot build it")
     assert not out.exists() and os.listdir(out.parent) == []  # no index, no .bad.index.tmp*
     with pytest.raises(SearchIndexError, match="--faiss 'Bogus99'"):  # FaissSpecError, a SearchIndexError
@@ -175,9 +160,9 @@ def test_damaged_index_folders_are_refused_naming_the_file(setup, tmp_path, caps
     for verify in (True, False):
         with pytest.raises(SearchIndexError, match="manifest.json is not valid UTF-8 JSON"):
             SearchIndex.load(bad, verify=verify)
-    rc, err = run_cli(["search", bad, "a red ball"], capsys)
+    rc, _, err = run_cli(["search", bad, "a red ball"], capsys)
     assert_refused(rc, err, "flipped.index", "manifest.json is not valid UTF-8 JSON")
-    rc, err = run_cli(["serve", bad, "--pool", "thread"], capsys)
+    rc, _, err = run_cli(["serve", bad, "--pool", "thread"], capsys)
     assert_refused(rc, err, "manifest.json is not valid UTF-8 JSON")
 
     cut = _copy(good, tmp_path / "cut-manifest.index")
@@ -206,7 +191,7 @@ def test_damaged_index_folders_are_refused_naming_the_file(setup, tmp_path, caps
         with pytest.raises(SearchIndexError) as e:
             SearchIndex.load(folder, verify=False)
         assert Path(rel).name in str(e.value) and "Traceback" not in str(e.value), (rel, e.value)
-        rc, err = run_cli(["search", folder, "a red ball", "--no-verify"], capsys)
+        rc, _, err = run_cli(["search", folder, "a red ball", "--no-verify"], capsys)
         assert_refused(rc, err, Path(rel).name)
 
 
