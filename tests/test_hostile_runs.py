@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tvrn.cli import main
-from tvrn.data import PrecompSplit, TvrnDataError, Vocabulary, load_split
+from tvrn.data import PrecompSplit, TvrnDataError, load_split
 from tvrn.data.errors import TextEncodingError
 from tvrn.models import create_model
 from tvrn.train.checkpoint import save_model
