@@ -18,10 +18,10 @@ process:
              image, as the authors' code does), plain autograd through everything.
 
 Reported per side: pairs/s (B^2 / median step time of --steps steps after a warm-up), training FLOPs per pair
-(forward + backward, counted with torch.utils.flop_counter on the warm-up step), share of this machine's 4096^2
-fp32 matmul rate (measured in the same process before and after the steps, the better of the two), peak RSS
-(VmHWM of the process over the timed steps, model and data included; the FLOP-counted warm-up step, which
-FlopCounterMode makes heavier, is reported apart as peak_rss_warmup_bytes), and for tvrn the pairs recomputed in backward. With
+(forward + backward, counted with torch.utils.flop_counter on one more step after the timed ones), share of this
+machine's 4096^2 fp32 matmul rate (measured in the same process before and after the steps, the better of the
+two), peak RSS (VmHWM of the process over the warm-up and timed steps, model and data included, read before the
+FLOP-counted step: FlopCounterMode makes a step heavier and the process keeps that RSS), and for tvrn the pairs recomputed in backward. With
 --profile, a stage breakdown of one step (encoders, scores, loss, backward: pair recomputation vs the rest,
 optimiser). A side whose memory, extrapolated from the batch before (B^2), would not fit the machine is skipped
 and says so.
@@ -140,26 +140,22 @@ def worker(a) -> dict:
 
     base = status("VmRSS:")
     mm = [matmul_rate(reps=2)]
-    with FlopCounterMode(display=False) as fc:  # the warm-up step, counted
-        step()
-    flops = fc.get_total_flops()
-    warmup_peak = status("VmHWM:")  # FlopCounterMode keeps what it counts: the counted step peaks higher
-    try:  # reset VmHWM (Linux: "5" > clear_refs), so the peak below is that of the timed steps
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    step()  # warm-up
     times, recomputed = [], []
     for _ in range(a.steps):
         t = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t)
         recomputed.append(scoring.LAST_TRAIN_BACKWARD.get("pairs"))
+    peak = status("VmHWM:")  # warm-up and timed steps; read before the FLOP-counted step, which FlopCounterMode
+    # makes heavier (what it holds while counting stays in the process's RSS afterwards)
+    with FlopCounterMode(display=False) as fc:  # one more step, counted
+        step()
+    flops = fc.get_total_flops()
     mm.append(matmul_rate(reps=2))
     out = {"model": name, "batch": B, "side": side, "loss_mode": a.loss, "step_s": statistics.median(times),
            "times_s": times, "pairs_per_s": B * B / statistics.median(times), "train_flops_per_pair": flops / B**2,
-           "matmul_gflop_per_s": max(mm) / 1e9, "peak_rss_bytes": status("VmHWM:"), "rss_before_bytes": base,
-           "peak_rss_warmup_bytes": warmup_peak,
+           "matmul_gflop_per_s": max(mm) / 1e9, "peak_rss_bytes": peak, "rss_before_bytes": base,
            "loss": loss, "recomputed_pairs": recomputed[-1], "gradient_density": path.density}
     out["matmul_share"] = flops / out["step_s"] / max(mm)
     if a.profile:
