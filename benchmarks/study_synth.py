@@ -171,13 +171,10 @@ def rescore_per_pair(a) -> None:
     """Rows of models trained with first-image refinement (evaluated, like the authors' script, in blocks of 100
     images refined against each block's first image) gain `test_per_pair` and `twin_acc_per_pair`: the same
     best-dev weights evaluated with per-pair refinement (the correct evaluation). Rewrites --out in place."""
-    from dataclasses import asdict
-
     from tvrn.data import load_split
     from tvrn.demo import twin_accuracy
     from tvrn.evaluation import evaluate
-    from tvrn.models import create_model
-    from tvrn.pipeline import load_trained, resolve_config, score_split
+    from tvrn.pipeline import load_trained, model_variant, resolve_config, score_split
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -187,9 +184,7 @@ def rescore_per_pair(a) -> None:
             continue
         run_dir = Path(a.runs) / r["suite"] / f"{slug(r['config'])}_s{r['seed']}"
         model, tokenizer, _ = load_trained(run_dir / "best.pt")
-        twin = create_model(model.config.name, **{**asdict(model.config), "refine_against": "pair"})
-        twin.load_state_dict(model.state_dict())
-        twin.eval()
+        twin = model_variant(model, refine_against="pair")
         root = Path(r["data"])
         test = load_split(root, "test")
         c2i = torch.as_tensor(test.caption_to_image)

@@ -132,6 +132,17 @@ def published_adjacency_source(caption_to_image, n_images: int, shard: int = 100
     return c2i[nt - shard + torch.arange(n_images) % shard]  # (n_images,)
 
 
+def model_variant(model: nn.Module, **changes) -> nn.Module:
+    """The same weights under another config (e.g. refine_against="pair" for a model trained with first-image
+    refinement) -> a new model in eval mode on the model's device; `changes` are ModelConfig fields that do not
+    change the state dict's names or shapes."""
+    from dataclasses import asdict
+
+    twin = create_model(model.config.name, **{**asdict(model.config), **changes})
+    twin.load_state_dict(model.state_dict())
+    return twin.to(next(model.parameters()).device).eval()
+
+
 @torch.no_grad()
 def published_protocol_scores(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, shard: int = 100,
                               device=None, progress: bool = False) -> torch.Tensor:
@@ -140,17 +151,13 @@ def published_protocol_scores(model: nn.Module, split: PrecompSplit, tokenizer, 
     first image of each shard (refine_against="first_image", refine_group=shard), and image k of every shard
     given the adjacency of the images of the split's last `shard` captions. Not a correct evaluation (a pair's
     score depends on its shard): report it beside `score_split`'s."""
-    from dataclasses import asdict
-
     from .data import collate_images
 
     cfg = model.config
     if not hasattr(model, "anchor_group"):
         raise ValueError(f"the published evaluation protocol is TVRN's; {cfg.name} does not refine captions")
     src = published_adjacency_source(split.caption_to_image, split.num_images, shard).numpy()
-    twin = create_model(cfg.name, **{**asdict(cfg), "refine_against": "first_image", "refine_group": shard})
-    twin.load_state_dict(model.state_dict())
-    twin.to(next(model.parameters()).device).eval()
+    twin = model_variant(model, refine_against="first_image", refine_group=shard)
     bs, thr = int(data.get("eval_batch_size", 128)), float(data.get("adjacency_threshold", 0.2))
     batches = (collate_images(split.image_features(idx), split.boxes(src[idx]), idx, thr)
                for idx in (torch.arange(a, min(a + bs, split.num_images)).numpy()
