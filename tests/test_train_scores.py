@@ -10,7 +10,7 @@ import torch
 from test_models import MODELS, build, make_images, make_texts, pad_images, pad_texts
 from tvrn.data.batch import PairBatch
 from tvrn.losses import ContrastiveLoss
-from tvrn.scoring import score_all_train, train_pair_bytes
+from tvrn.scoring import LAST_TRAIN_BACKWARD, score_all_train, train_grid_bytes, train_pair_bytes
 
 
 def _double(images, texts):
@@ -141,7 +141,7 @@ def test_no_pair_with_a_gradient_still_gives_pair_parameters_a_zero_gradient():
 
 def test_dense_gradient_takes_the_plain_path_only_when_it_fits(monkeypatch):
     """With a dense gradient, the plain path (one call per caption length, cut to it) when all pairs' saved
-    activations fit the budget; recomputation otherwise."""
+    activations fit the budget; recomputation otherwise (here in grid blocks: every pair has a gradient)."""
     from tvrn.scoring import _plain_bytes
 
     model = build("sgraf_sgr").train()
@@ -162,7 +162,7 @@ def test_dense_gradient_takes_the_plain_path_only_when_it_fits(monkeypatch):
     tight = score_all_train(model, ei, et, memory_budget_mb=0.99 * need / 2**20, dense_gradient=True)
     assert tight.grad_fn.name() == "_TrainScoresBackward"
     tight.sum().backward()
-    assert sum(p for p, _, _ in spy.calls) == 16
+    assert spy.calls == [] and LAST_TRAIN_BACKWARD["grid_pairs"] == 16  # every length dense: grid blocks
 
 
 def test_score_by_length_equals_one_padded_call():
@@ -241,3 +241,83 @@ def test_blocked_path_under_bf16_autocast(name):
     flat = lambda g: torch.cat([g[k].flatten() for k in sorted(g)])  # noqa: E731
     assert set(got) == set(ref) and torch.isfinite(flat(got)).all()
     assert (flat(got) - flat(ref)).norm() <= 0.02 * flat(ref).norm()
+
+
+GRID_MODELS = ["tvrn_sgr", "tvrn_saf", "sgraf_sgr", "sgraf_saf", "tvrn_sgr_published", "tvrn_saf_published"]
+
+
+@pytest.mark.parametrize("refine", ["pair", "first_image"])
+@pytest.mark.parametrize("name", GRID_MODELS)
+def test_score_grid_equals_the_inference_fast_path(name, refine):
+    """model.score_grid (the training recomputation of dense gradients: the fast path's equations out of place,
+    differentiable) against model.score's inference fast path, float64, padded regions, each caption length:
+    1e-12; and it builds a graph."""
+    model = build(name).double().eval()
+    if refine == "first_image":
+        if not model.config.refine_text:
+            pytest.skip("no module 2")
+        model.config.refine_against = "first_image"
+    padded = "published" not in name  # the published BatchNorm pooling takes no padded regions
+    images = make_images(4) if not padded else pad_images(make_images(4), 2)
+    images, texts = _double(images, make_texts(model, 6, lengths=(7, 5, 3)))
+    with torch.no_grad():
+        ei, et = model.encode_image(images), model.encode_text(texts)
+        et = model.anchor_texts(ei, et)
+    for n in (7, 5, 3):
+        cols = torch.nonzero(et.mask.sum(1) == n).reshape(-1)
+        txt = et[cols].trim(n)
+        with torch.no_grad():
+            fast = model.score(model.inference_encodings(ei), txt)  # (4, 2)
+        grid = model.score_grid(ei, txt)
+        assert grid.shape == (4, 2) and grid.requires_grad
+        torch.testing.assert_close(grid.detach(), fast, atol=1e-12, rtol=0)
+
+
+class _GridSpy:
+    """Wraps model.score_grid: records (images, captions) of every block (the 2 x 2 measurement excluded)."""
+
+    def __init__(self, model, monkeypatch):
+        import tvrn.scoring
+
+        self.calls, self.inner, self.measuring = [], model.score_grid, False
+        model.score_grid = self
+        measure = tvrn.scoring.train_grid_bytes
+
+        def measured(*args):
+            self.measuring = True
+            try:
+                return measure(*args)
+            finally:
+                self.measuring = False
+
+        monkeypatch.setattr(tvrn.scoring, "train_grid_bytes", measured)
+
+    def __call__(self, images, texts):
+        if not self.measuring:
+            self.calls.append((len(images), len(texts), texts.words.shape[1]))
+        return self.inner(images, texts)
+
+
+def test_dense_lengths_are_recomputed_in_grid_blocks_and_sparse_ones_pair_by_pair(monkeypatch):
+    """A gradient dense on the captions of length 5 and on two pairs elsewhere: the length-5 columns go through
+    score_grid in blocks within the budget, the two pairs through score_pairs; the gradients equal the plain
+    path's (float64, 1e-10 on the encodings, 1e-9 relative on the parameters)."""
+    model = build("tvrn_sgr", dropout=0.2).double().train()
+    images, texts = _double(pad_images(make_images(6), 1), make_texts(model, 9, lengths=(7, 5, 3)))
+    w = torch.zeros(6, 9, dtype=torch.float64)
+    w[:, 1::3] = torch.randn(6, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)  # length 5
+    w[0, 0], w[4, 8] = 0.7, -1.3  # lengths 7 and 3: 1 of 12 pairs each
+    S0, g0, e0 = _step(model, images, texts, False, w)
+    torch.manual_seed(5)
+    ei, et = model.encode_image(images), model.encode_text(texts)
+    budget = 4 * train_grid_bytes(model, ei, et.trim(5)[1::3]) / 2**20  # four pairs per block
+    pairs, grids = _Spy(model, monkeypatch), _GridSpy(model, monkeypatch)
+    S1, g1, e1 = _step(model, images, texts, True, w, budget=budget)
+    torch.testing.assert_close(S1, S0, atol=1e-10, rtol=0)
+    assert sorted((p, n) for p, n, _ in pairs.calls) == [(1, 3), (1, 7)]
+    assert {n for _, _, n in grids.calls} == {5} and sum(a * b for a, b, _ in grids.calls) == 18
+    assert all(a * b <= 4 for a, b, _ in grids.calls) and len(grids.calls) >= 5
+    assert LAST_TRAIN_BACKWARD["grid_pairs"] == 18 and LAST_TRAIN_BACKWARD["pairs"] == 20
+    _assert_grads_close(g0, g1, 1e-9)
+    for a, b in zip(e0, e1):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-8)

@@ -446,6 +446,12 @@ def train_pair_bytes(model: nn.Module, enc_images: Any, enc_texts: Any) -> int:
 
 
 def _measure_pair_bytes(model: nn.Module, enc_images: Any, enc_texts: Any) -> int:
+    return _measure_saved_bytes(lambda i, t: model.score_pairs(i, t), model, enc_images[:1], enc_texts[:1])
+
+
+def _measure_saved_bytes(score, model: nn.Module, enc_images: Any, enc_texts: Any) -> int:
+    """Twice the bytes of score(images, texts)'s inputs (cloned, as gathered leaves) and of every tensor autograd
+    saves for its backward, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -458,8 +464,8 @@ def _measure_pair_bytes(model: nn.Module, enc_images: Any, enc_texts: Any) -> in
         keep(t)
         return t
 
-    img = dataclasses.replace(enc_images, **{n: getattr(enc_images, n)[:1].clone() for n in _tensor_fields(enc_images)})
-    txt = dataclasses.replace(enc_texts, **{n: getattr(enc_texts, n)[:1].clone() for n in _tensor_fields(enc_texts)})
+    img = dataclasses.replace(enc_images, **{n: getattr(enc_images, n).detach().clone() for n in _tensor_fields(enc_images)})
+    txt = dataclasses.replace(enc_texts, **{n: getattr(enc_texts, n).detach().clone() for n in _tensor_fields(enc_texts)})
     for enc in (img, txt):
         for n in _tensor_fields(enc):
             t = getattr(enc, n)
@@ -467,7 +473,7 @@ def _measure_pair_bytes(model: nn.Module, enc_images: Any, enc_texts: Any) -> in
             if t.is_floating_point():
                 t.requires_grad_(True)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.score_pairs(img, txt)
+        score(img, txt)
     return 2 * sum(storages.values())
 
 
@@ -487,15 +493,36 @@ def _float_dtype(tensors) -> torch.dtype:
 LAST_TRAIN_BACKWARD: dict[str, float] = {}
 
 
+# a caption length whose pairs with a non-zero gradient are at least this share of its (Ni, n_g) grid is recomputed
+# as whole grid blocks through `model.score_grid` (when the model has it) rather than pair by pair: per pair, the grid
+# formulation's forward and backward cost about a fifth of score_pairs' on gathered pairs (TVRN at paper shapes)
+GRID_DENSITY = 0.25
+
+
+def train_grid_bytes(model: nn.Module, enc_images: Any, enc_texts: Any) -> int:
+    """Bytes per pair that `model.score_grid` keeps for backward, measured on a 2 x 2 grid of enc_images[:2] and
+    enc_texts[:2] (captions cut to the length to plan for): its inputs and every tensor autograd saves (parameters
+    excluded) over 4, doubled for the backward's own temporaries. Cached per model and field shapes."""
+    cache = _PAIR_BYTES.setdefault(model, {})
+    key = ("grid", _layout_key(enc_images), _layout_key(enc_texts))
+    if key not in cache:
+        cache[key] = _measure_saved_bytes(lambda i, t: model.score_grid(i, t), model, enc_images[:2],
+                                          enc_texts[:2]) // (min(2, len(enc_images)) * min(2, len(enc_texts)))
+    return cache[key]
+
+
 class _TrainScores(torch.autograd.Function):
     """S = all-pairs scores of a training batch, differentiable in the encodings and the pair-work parameters.
 
     forward: `score_all` (the inference fast path, blocks sized to the budget, no graph kept).
     backward(G = dL/dS): only pairs with G != 0 contribute to any gradient (with the hardest-negative loss that is
-    the diagonal and about two negatives per row and column); they are recomputed through `model.score_pairs`
-    (the plain equations, one pair axis) in chunks of one caption length (cut to it: no padded word), as many
-    pairs per chunk as the budget allows (`train_pair_bytes`), and back-propagated chunk by chunk. Gradients of
-    the encodings are accumulated by index; the encoders' own backward follows in the caller's graph.
+    the diagonal and about two negatives per row and column); they are recomputed in chunks of one caption length
+    (cut to it: no padded word), as many pairs per chunk as the budget allows, and back-propagated chunk by
+    chunk. Sparse lengths go pair by pair through `model.score_pairs` (the plain equations, one pair axis, on
+    gathered pairs; `train_pair_bytes`); a length whose gradient is dense (at least GRID_DENSITY of its pairs:
+    sum / published losses early in training) goes as (images x captions) blocks through `model.score_grid`
+    when the model has one (the fast path's formulation, differentiable; `train_grid_bytes`). Gradients of the
+    encodings are accumulated by index; the encoders' own backward follows in the caller's graph.
     """
 
     @staticmethod
@@ -524,21 +551,63 @@ class _TrainScores(torch.autograd.Function):
         acc_i = {n: torch.zeros_like(getattr(enc_i, n)) for n in names_i if need_i[n]}
         acc_t = {n: torch.zeros_like(getattr(enc_t, n)) for n in names_t if need_t[n]}
         acc_p: list[Optional[torch.Tensor]] = [None] * len(params)
+        autocast = torch.autocast(ctx.device_type, dtype=ctx.autocast[1]) if ctx.autocast[0] else nullcontext()
+
+        def recompute(score, txt_src, ci, cj, g_out):
+            """Leaves gathered from enc_i rows ci (Bi,) and txt_src rows cj (Bt,); s = score(img, txt);
+            back-propagate g_out (s's shape) and add the gradients into acc_i, acc_t, acc_p."""
+            with torch.enable_grad(), autocast:
+                img = dataclasses.replace(enc_i, **{k: _gathered_leaf(getattr(enc_i, k), ci, need_i[k]) for k in names_i})
+                txt = dataclasses.replace(txt_src, **{k: _gathered_leaf(getattr(txt_src, k), cj, need_t[k])
+                                                      for k in names_t})
+                s = score(img, txt)
+                leaves = [(acc_i[k], getattr(img, k), ci) for k in acc_i] + [(acc_t[k], getattr(txt, k), cj) for k in acc_t]
+                wrt = [x for _, x, _ in leaves] + [p for p, nd in zip(params, needs[n_enc:]) if nd]
+                grads = torch.autograd.grad(s, wrt, g_out.to(s.dtype), allow_unused=True)
+            for (acc, x, idx), g in zip(leaves, grads):
+                if g is not None:
+                    target = acc if x.shape[1:] == acc.shape[1:] else acc[:, :x.shape[1]]  # cut captions
+                    target.index_add_(0, idx, g.to(acc.dtype))
+            pg = iter(grads[len(leaves):])
+            for k, nd in enumerate(needs[n_enc:]):
+                if nd:
+                    g = next(pg)
+                    if g is not None:
+                        acc_p[k] = g if acc_p[k] is None else acc_p[k].add_(g)
+
         G = G.detach()
-        ii, jj = torch.nonzero(G, as_tuple=True)  # (Q,) pairs with a gradient
-        zero = len(ii) == 0
+        nonzero = G != 0  # (Ni, Nt)
+        lengths = trim_lengths(model, enc_t)  # (Nt,) CPU, or None: captions are not cut
+        ni, budget, chunks, grid_pairs = len(enc_i), spec.budget_mb * 2**20, 0, 0
+        if lengths is not None and callable(getattr(model, "score_grid", None)):
+            lengths_dev = lengths.to(G.device)
+            for n in torch.unique(lengths).tolist():  # dense lengths: whole (images x captions) blocks
+                cols = torch.nonzero(lengths_dev == n).reshape(-1)  # (n_g,)
+                if int(nonzero[:, cols].sum()) < GRID_DENSITY * ni * len(cols):
+                    continue
+                txt_src = enc_t.trim(n)
+                with autocast:
+                    per_block = max(1, int(budget // max(1, train_grid_bytes(model, enc_i, txt_src[cols[:2]]))))
+                bt = min(len(cols), per_block)
+                bi = max(1, per_block // bt)
+                for c0 in range(0, len(cols), bt):
+                    cj = cols[c0:c0 + bt]
+                    for i0 in range(0, ni, bi):
+                        ci = torch.arange(i0, min(ni, i0 + bi), device=cj.device)
+                        recompute(model.score_grid, txt_src, ci, cj, G[ci][:, cj])
+                        chunks += 1
+                grid_pairs += ni * len(cols)
+                nonzero[:, cols] = False  # done
+        ii, jj = torch.nonzero(nonzero, as_tuple=True)  # (Q,) the remaining pairs with a gradient
+        zero = len(ii) == 0 and grid_pairs == 0
         if zero:  # one pair with a zero gradient: the pair-work parameters still get (zero) gradients, as DDP expects
             ii, jj = ii.new_zeros(1), jj.new_zeros(1)
-        lengths = trim_lengths(model, enc_t)  # (Nt,) CPU, or None: captions are not cut
-        ni = len(enc_i)
         if lengths is not None:
             lengths = lengths.to(ii.device)
             order = torch.sort(lengths[jj] * ni + ii, stable=True).indices  # by caption length, then image
             ii, jj = ii[order], jj[order]
             run_len = lengths[jj].cpu()
-        budget = spec.budget_mb * 2**20
-        autocast = torch.autocast(ctx.device_type, dtype=ctx.autocast[1]) if ctx.autocast[0] else nullcontext()
-        q, per_length, chunks = 0, {}, 0
+        q, per_length = 0, {}
         while q < len(ii):
             n = None if lengths is None else int(run_len[q])
             end = len(ii) if lengths is None else int(torch.searchsorted(run_len, n, right=True))
@@ -548,33 +617,13 @@ class _TrainScores(torch.autograd.Function):
                     per_length[n] = max(1, int(budget // max(1, train_pair_bytes(model, enc_i, txt_src))))
             for c0 in range(q, end, per_length[n]):
                 ci, cj = ii[c0:min(end, c0 + per_length[n])], jj[c0:min(end, c0 + per_length[n])]
+                recompute(model.score_pairs, txt_src, ci, cj, G.new_zeros(len(ci)) if zero else G[ci, cj])
                 chunks += 1
-                with torch.enable_grad(), autocast:
-                    img = dataclasses.replace(enc_i, **{k: _gathered_leaf(getattr(enc_i, k), ci, need_i[k]) for k in names_i})
-                    txt = dataclasses.replace(txt_src, **{k: _gathered_leaf(getattr(txt_src, k), cj, need_t[k])
-                                                          for k in names_t})
-                    s = model.score_pairs(img, txt)  # (P,)
-                    leaves = [(acc_i[k], getattr(img, k), ci) for k in acc_i] + \
-                             [(acc_t[k], getattr(txt, k), cj) for k in acc_t]
-                    wrt = [x for _, x, _ in leaves] + [p for p, nd in zip(params, needs[n_enc:]) if nd]
-                    g_out = torch.zeros_like(s) if zero else G[ci, cj].to(s.dtype)
-                    grads = torch.autograd.grad(s, wrt, g_out, allow_unused=True)
-                for (acc, x, idx), g in zip(leaves, grads):
-                    if g is not None:
-                        target = acc if x.shape[1:] == acc.shape[1:] else acc[:, :x.shape[1]]  # cut captions
-                        target.index_add_(0, idx, g.to(acc.dtype))
-                pg = iter(grads[len(leaves):])
-                for k, nd in enumerate(needs[n_enc:]):
-                    if nd:
-                        g = next(pg)
-                        if g is not None:
-                            acc_p[k] = g if acc_p[k] is None else acc_p[k].add_(g)
-                del img, txt, s, grads
             q = end
         out_i = [acc_i.get(n) for n in names_i]
         out_t = [acc_t.get(n) for n in names_t]
-        LAST_TRAIN_BACKWARD.update(pairs=0 if zero else len(ii), of=G.numel(), chunks=chunks,
-                                   seconds=time.perf_counter() - t0)
+        LAST_TRAIN_BACKWARD.update(pairs=grid_pairs + (0 if zero else len(ii)), of=G.numel(), chunks=chunks,
+                                   grid_pairs=grid_pairs, seconds=time.perf_counter() - t0)
         return (None, *out_i, *out_t, *acc_p)
 
 

@@ -283,10 +283,10 @@ class GraphReasoning(nn.Module):
         return nodes[:, 0] if read_global else masked_mean(nodes, mask)
 
     def forward_dense(self, nodes, read_global: bool):
-        """`forward` for nodes (P, n, S) that are all real, with two exact shortcuts (inference):
-        edges (W_q N + b_q)(W_k N)^T = (N M + c) N^T with M = W_q^T W_k (S, S) and c = W_k^T b_q, one
-        projection instead of two; and when only the global node is read, the last step updates node 0 only.
-        """
+        """`forward` for nodes (P, n, S) that are all real, with two exact shortcuts (inference, and the training
+        recomputation's `score_grid`): edges (W_q N + b_q)(W_k N)^T = (N M + c) N^T with M = W_q^T W_k (S, S)
+        and c = W_k^T b_q, one projection instead of two; and when only the global node is read, the last step
+        updates node 0 only."""
         P, n, S = nodes.shape
         last = len(self.steps) - 1
         for k, step in enumerate(self.steps):
@@ -320,7 +320,8 @@ class AttentionFiltration(nn.Module):
         return l2norm((w.unsqueeze(-1) * nodes).sum(1))  # (B, S)
 
     def forward_parts(self, glob, locals_raw):
-        """`forward` of the all-real nodes [glob; l2(M) for M in locals_raw] without forming them (inference).
+        """`forward` of the all-real nodes [glob; l2(M) for M in locals_raw] without forming them (inference, and
+        the training recomputation's `score_grid`).
 
         glob (P, S) unit or None; locals_raw: tensors (P, n_k, S) before their l2 norm. With r = ||M|| + EPS,
         <a, M / r> = <a, M> / r and sum_j w_j M_j / r_j: each local tensor is read three times (norm, <a, M>,
@@ -329,10 +330,10 @@ class AttentionFiltration(nn.Module):
         total, vec = 0.0, 0.0
         for M in locals_raw:
             P, n, S = M.shape
-            r = torch.linalg.vector_norm(M, dim=-1).add_(EPS)  # (P, n)
-            w = torch.sigmoid_((M.reshape(P * n, S) @ a).view(P, n).div_(r).add_(b))  # (P, n)
+            r = torch.linalg.vector_norm(M, dim=-1) + EPS  # (P, n); (P, n) tensors are small: out of place,
+            w = torch.sigmoid((M.reshape(P * n, S) @ a).view(P, n) / r + b)  # (P, n)  so autograd can run through
             total = total + w.sum(1)  # (P,)
-            vec = vec + torch.bmm(w.div_(r).unsqueeze(1), M).squeeze(1)  # (P,1,n)@(P,n,S) -> (P, S)
+            vec = vec + torch.bmm((w / r).unsqueeze(1), M).squeeze(1)  # (P,1,n)@(P,n,S) -> (P, S)
         if glob is not None:
             w = torch.sigmoid(glob @ a + b)  # (P,)
             total = total + w

@@ -282,8 +282,13 @@ class TVRN(RetrievalModel):
         return l2norm(t)
 
     def _score_dense(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
-        """`_score_plain` for captions that all have n real words (Nt, n, D), inference only -> (Ni, Nt)."""
+        """`_score_plain` for captions that all have n real words (Nt, n, D) -> (Ni, Nt).
+
+        Without gradients (inference) its large temporaries are updated in place; with gradients
+        (`score_grid`, training) the same equations run out of place, and module 2's per-pair refinement is
+        the plain `_refine` over the (Ni, Nt) grid."""
         c = self.config
+        ip = not torch.is_grad_enabled()  # in place: inference only (autograd needs what in-place ops overwrite)
         Ni, (Nt, n, D) = len(images), texts.words.shape
         U, g = images.units, images.glob  # (Ni, R', D), (Ni, D)
         Rp = U.shape[1]
@@ -293,6 +298,9 @@ class TVRN(RetrievalModel):
         if c.refine_text and texts.anchored is not None:  # T_ref and t_glo per caption (first-image refinement)
             halves = [texts.refined, texts.anchored]  # 2 x (Nt, n, D)
             t_glo = texts.anchored_glob[None] if c.global_node else None  # (1, Nt, D)
+        elif c.refine_text and not ip:  # per pair, differentiable: the plain module 2 over the grid
+            T_ref, _, t_glo = self._refine(*grid_layout(images, texts), (Ni, Nt))  # (Ni, Nt, 2n, D), (Ni, Nt, D)
+            halves = [texts.refined, T_ref[:, :, n:]]
         elif c.refine_text:
             second = self._refine_dense(images, texts, rmask)  # (Ni, Nt, n, D)
             halves = [texts.refined, second]  # T_ref = [first (Nt, n, D) per caption; second per pair]
@@ -301,38 +309,42 @@ class TVRN(RetrievalModel):
             halves, t_glo = [texts.words], texts.glob[None]  # T_ref = T (Nt, n, D); (1, Nt, D)
         # module 3, unit-major: scores (Ni, R', Nt, n) of every unit with every word of T_ref, so that the l2 norm
         # across the pair's words runs over the last axis and the softmax over units over axis 1 (no permuted
-        # copy); lrelu, masking, scaling and gating in place
+        # copy); lrelu, masking, scaling and gating in place (inference)
         ss = []
         for x in halves:
             if x.dim() == 3:  # per caption: all pairs in one matmul
                 sx = (U.reshape(Ni * Rp, D) @ x.reshape(Nt * n, D).t()).view(Ni, Rp, Nt, n)  # (Ni*R',D)@(D,Nt*n)
             else:  # per pair
-                sx = torch.bmm(U, x.view(Ni, Nt * n, D).transpose(1, 2)).view(Ni, Rp, Nt, n)  # (Ni,R',D)@(Ni,D,Nt*n)
-            sx = F.leaky_relu_(sx, 0.1)  # (Ni, R', Nt, n)
-            ss.append(sx if umask is None else sx.masked_fill_(~umask[:, :, None, None], 0.0))
+                sx = torch.bmm(U, x.reshape(Ni, Nt * n, D).transpose(1, 2)).view(Ni, Rp, Nt, n)  # (Ni,R',D)@(Ni,D,Nt*n)
+            sx = F.leaky_relu(sx, 0.1, inplace=ip)  # (Ni, R', Nt, n)
+            ss.append(sx if umask is None else _masked_fill(sx, ~umask[:, :, None, None], 0.0, ip))
         norms = [torch.linalg.vector_norm(sx, dim=-1, keepdim=True) for sx in ss]  # (Ni, R', Nt, 1) per half
-        norm = norms[0] if len(norms) == 1 else sum(v.square_() for v in norms).sqrt_()
-        scale = c.lambda_softmax / norm.add_(EPS)  # (Ni, R', Nt, 1)
+        norm = norms[0] if len(norms) == 1 else _sqrt(sum(_square(v, ip) for v in norms), ip)
+        scale = c.lambda_softmax / _add(norm, EPS, ip)  # (Ni, R', Nt, 1)
         glob, local = None, []  # global node (Ni, Nt, S); local similarities before their l2 norm
         if c.global_node:  # (g - t_glo)^2 in one pass: into t_glo when it is per pair (module 2), else a new tensor
-            per_pair = c.refine_text and texts.anchored is None  # t_glo (Ni, Nt, D) made for this call
-            sq = t_glo if per_pair else t_glo.new_empty(Ni, Nt, D)  # (Ni, Nt, D); never the caption encodings
-            glob = l2norm(self.sim_global(squared_difference(g[:, None], t_glo, out=sq)))  # (Ni, Nt, S)
+            if not ip:
+                sq = (g[:, None] - t_glo) ** 2  # (Ni, Nt, D)
+            else:
+                per_pair = c.refine_text and texts.anchored is None  # t_glo (Ni, Nt, D) made for this call
+                out = t_glo if per_pair else t_glo.new_empty(Ni, Nt, D)  # never the caption encodings
+                sq = squared_difference(g[:, None], t_glo, out=out)  # (Ni, Nt, D)
+            glob = l2norm(self.sim_global(sq))  # (Ni, Nt, S)
         for x, sx in zip(halves, ss):
-            logits = sx.mul_(scale)  # (Ni, R', Nt, n)
+            logits = _mul(sx, scale, ip)  # (Ni, R', Nt, n)
             if c.global_gates:
-                logits.add_(images.gate[:, :, None, None])  # + log gate_r
+                logits = _add(logits, images.gate[:, :, None, None], ip)  # + log gate_r
             if umask is not None:
-                logits.masked_fill_(~umask[:, :, None, None], NEG)
+                logits = _masked_fill(logits, ~umask[:, :, None, None], NEG, ip)
             a = torch.softmax(logits, 1).view(Ni, Rp, Nt * n)  # (Ni, R', Q) weights over units, Q = Nt*n words
             # U_hat = l2(a @ U) with the norm from the per-image Gram matrix (a^T G a): the weights are scaled, not
             # the (Ni, Q, D) product, which is only written once and then updated in place
-            sq = torch.bmm(G, a).mul_(a).sum(1, keepdim=True)  # (Ni,R',R')@(Ni,R',Q) -> (Ni, 1, Q)
-            a.div_(sq.clamp_min_(0).sqrt_().add_(EPS))
-            xs = x.reshape(1, Nt * n, D) if x.dim() == 3 else x.view(Ni, Nt * n, D)  # per caption / per pair
+            sq = _mul(torch.bmm(G, a), a, ip).sum(1, keepdim=True)  # (Ni,R',R')@(Ni,R',Q) -> (Ni, 1, Q)
+            a = _div(a, _add(_sqrt(sq.clamp_min(0), ip), EPS, ip), ip)
+            xs = x.reshape(1, Nt * n, D) if x.dim() == 3 else x.reshape(Ni, Nt * n, D)  # per caption / per pair
             diff = torch.bmm(a.transpose(1, 2), U)  # (Ni,Q,R')@(Ni,R',D) -> (Ni, Q, D) U_hat
-            diff = squared_difference(diff, xs, out=diff).view(Ni, Nt, n, D)  # (U_hat - T_ref)^2 in place
-            local.append(self.sim_local(diff).view(Ni * Nt, n, c.sim_dim))  # (P, n, S)
+            diff = (squared_difference(diff, xs, out=diff) if ip else (diff - xs) ** 2).view(Ni, Nt, n, D)
+            local.append(self.sim_local(diff).view(Ni * Nt, n, c.sim_dim))  # (P, n, S) (U_hat - T_ref)^2 projected
         if glob is not None:
             glob = glob.view(Ni * Nt, c.sim_dim)  # (P, S)
         if isinstance(self.reason, AttentionFiltration):  # SAF folds the local nodes' l2 norm in: no node tensor
@@ -341,6 +353,13 @@ class TVRN(RetrievalModel):
             nodes = ([] if glob is None else [glob[:, None]]) + [l2norm(x) for x in local]
             vec = self.reason.forward_dense(torch.cat(nodes, 1), read_global=c.global_node)  # (P, [1 +] n', S)
         return torch.sigmoid(self.sim_eval(vec)).view(Ni, Nt)
+
+    def score_grid(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
+        """(Ni, Nt) scores of every image with every caption, captions all of n real words (Nt, n, D) and
+        anchored if `anchor_group` is set: the fast path's formulation, differentiable (the training
+        recomputation of a dense gradient, `tvrn.scoring.score_all_train`). Equals `score` (tests/test_train_scores.py)."""
+        with torch.enable_grad():
+            return self._score_dense(images, texts)
 
     def pair_bytes(self, images: EncodedImages, texts: EncodedTexts) -> int:
         """Working bytes per pair of the fast path (its largest live per-pair tensors, x1.5 for temporaries)."""
@@ -361,3 +380,28 @@ class TVRN(RetrievalModel):
     def shortlist_embed_text(self, texts: EncodedTexts) -> torch.Tensor:
         """(Nt, D) unit caption vector pooled from the content words T (TextSA); pair-independent."""
         return texts.glob
+
+
+# in place (inference) or out of place (under autograd) versions of the fast path's elementwise updates
+def _mul(x, y, ip):
+    return x.mul_(y) if ip else x * y
+
+
+def _div(x, y, ip):
+    return x.div_(y) if ip else x / y
+
+
+def _add(x, y, ip):
+    return x.add_(y) if ip else x + y
+
+
+def _square(x, ip):
+    return x.square_() if ip else x.square()
+
+
+def _sqrt(x, ip):
+    return x.sqrt_() if ip else x.sqrt()
+
+
+def _masked_fill(x, mask, value, ip):
+    return x.masked_fill_(mask, value) if ip else x.masked_fill(mask, value)
