@@ -21,7 +21,8 @@ Reported per side: pairs/s (B^2 / median step time of --steps steps after a warm
 (forward + backward, counted with torch.utils.flop_counter on one more step after the timed ones), share of this
 machine's 4096^2 fp32 matmul rate (measured in the same process before and after the steps, the better of the
 two), peak RSS (VmHWM of the process over the warm-up and timed steps, model and data included, read before the
-FLOP-counted step: FlopCounterMode makes a step heavier and the process keeps that RSS), and for tvrn the pairs recomputed in backward. With
+FLOP-counted step: FlopCounterMode makes a step heavier and the process keeps that RSS), and for tvrn the pairs recomputed in backward (and how many of them in
+grid blocks: dense caption lengths, `score_grid`). With
 --profile, a stage breakdown of one step (encoders, scores, loss, backward: pair recomputation vs the rest,
 optimiser). A side whose memory, extrapolated from the batch before (B^2), would not fit the machine is skipped
 and says so.
@@ -141,12 +142,13 @@ def worker(a) -> dict:
     base = status("VmRSS:")
     mm = [matmul_rate(reps=2)]
     step()  # warm-up
-    times, recomputed = [], []
+    times, recomputed, grid = [], [], []
     for _ in range(a.steps):
         t = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t)
         recomputed.append(scoring.LAST_TRAIN_BACKWARD.get("pairs"))
+        grid.append(scoring.LAST_TRAIN_BACKWARD.get("grid_pairs"))
     peak = status("VmHWM:")  # warm-up and timed steps; read before the FLOP-counted step, which FlopCounterMode
     # makes heavier (what it holds while counting stays in the process's RSS afterwards)
     with FlopCounterMode(display=False) as fc:  # one more step, counted
@@ -156,7 +158,8 @@ def worker(a) -> dict:
     out = {"model": name, "batch": B, "side": side, "loss_mode": a.loss, "step_s": statistics.median(times),
            "times_s": times, "pairs_per_s": B * B / statistics.median(times), "train_flops_per_pair": flops / B**2,
            "matmul_gflop_per_s": max(mm) / 1e9, "peak_rss_bytes": peak, "rss_before_bytes": base,
-           "loss": loss, "recomputed_pairs": recomputed[-1], "gradient_density": path.density}
+           "loss": loss, "recomputed_pairs": recomputed[-1],
+           "grid_pairs": grid[-1], "gradient_density": path.density}
     out["matmul_share"] = flops / out["step_s"] / max(mm)
     if a.profile:
         stages.on = True
@@ -178,6 +181,7 @@ def table(rows: list[dict]) -> str:
         base = ref.get((r["model"], r["batch"]))
         ratio = f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}x" if base else ""
         rec = "" if r.get("recomputed_pairs") is None else f"{r['recomputed_pairs']:,} of {r['batch'] ** 2:,}"
+        rec += f" ({r['grid_pairs']:,} in grid blocks)" if r.get("grid_pairs") else ""
         head.append(f"| {r['model']} | {r['batch']} | {r['side']} | {r['pairs_per_s']:,.0f} | {ratio} | "
                     f"{r['train_flops_per_pair'] / 1e6:.1f} | {100 * r['matmul_share']:.0f}% | "
                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {rec} |")
