@@ -8,7 +8,7 @@ import torch
 
 from tvrn.cli import main
 from tvrn.data.synth import SynthConfig, write_dataset
-from tvrn.demo import DemoEntry, format_table, run_demo, twin_accuracy
+from tvrn.demo import DEMO_ENTRIES, DemoEntry, format_table, run_demo, twin_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,35 @@ def test_demo_runs_tiny(tmp_path):
     # ... but not when the config changed
     changed = run_demo(data, out, entries=entries[1:], extra_overrides=small + ("train.lr=0.01",))
     assert changed["rows"][0]["config"]["train"]["lr"] == 0.01
+
+
+def test_demo_command_end_to_end_on_a_tiny_configuration(tmp_path, capsys):
+    """`tvrn demo` as `make demo` runs it, every real step at tiny sizes: the benchmark generated, the three
+    models trained and evaluated, the table, the curves, TVRN's test index built and the serve command printed;
+    the index answers a query with the run's model; run.json records the CPU kernels."""
+    from tvrn.cli import main
+    from tvrn.search.index import SearchIndex
+
+    data, out = tmp_path / "synth", tmp_path / "runs"
+    write_dataset(data, SynthConfig(seed=3, train_images=12, dev_images=4, test_images=4))
+    tiny = ["model.embed_size=16", "model.sim_dim=8", "model.word_dim=8", "train.epochs=1", "train.batch_size=10"]
+    assert main(["demo", "--data", str(data), "--out", str(out), *[a for o in tiny for a in ("--set", o)]]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert [r.split("|")[1].strip() for r in rows] == [e.label for e in DEMO_ENTRIES]
+    assert "dev RSUM curves: " + str(out / "dev_rsum.png") in text
+    assert f"serve {out / 'test.index'}" in text and "http://127.0.0.1:8000/" in text
+    index = SearchIndex.load(out / "test.index")
+    assert (index.num_images, index.num_captions) == (4, 20) and index.model_name == "tvrn_sgr"
+    assert len(index.search_text("a red cat", k=3)) == 3
+    env = json.loads((out / "tvrn" / "run.json").read_text())["env"]
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and "cpu_model" in env
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["index"] == str(out / "test.index") and summary["env"]["threads"] == torch.get_num_threads()
+    # again: every run and the index are reused, nothing retrained
+    assert main(["demo", "--data", str(data), "--out", str(out), *[a for o in tiny for a in ("--set", o)]]) == 0
+    again = capsys.readouterr().out
+    assert again.count("already trained") == len(DEMO_ENTRIES) and "search index: already built" in again
 
 
 def test_train_cli_under_torchrun_two_cpu_ranks(tmp_path):

@@ -228,11 +228,26 @@ def can_resume(cfg: dict, out_dir: str | os.PathLike) -> bool:
 
 def run_environment(world_size: int = 1) -> dict:
     """What bitwise reproducibility depends on beyond the config: CPU results change with the thread count
-    (reductions split differently), and with the torch build and the machine."""
+    (reductions split differently), the CPU kernels torch picks (`cpu_capability`: AVX2, AVX512, ...; MKL also
+    picks its code path by CPU model) and the torch build."""
     import platform
 
     return {"threads": torch.get_num_threads(), "torch": torch.__version__, "world_size": world_size,
-            "machine": platform.machine(), "cuda": torch.cuda.is_available()}
+            "machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_model": cpu_model(), "cuda": torch.cuda.is_available()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else platform.processor()), or "" when unknown."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def saved_run_config(out_dir: str | os.PathLike) -> Optional[dict]:

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tvrn.config import check_overrides
     from tvrn.data.synth import SynthConfig, write_dataset
-    from tvrn.demo import format_table, run_demo
+    from tvrn.demo import TABLE_NOTE, format_table, run_demo
 
     check_overrides(args.overrides)  # a misspelt key is named now, not after the benchmark is generated
     t0 = time.time()
@@ -43,16 +43,12 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"Test split of {data} (all pairs), best dev checkpoint of each run:")
     print(format_table(summary["rows"]))
-    print("\nTwo epochs of each model, one seed: this shows the pipeline end to end, and that a fixed config gives a "
-          "fixed table\n(same thread count, same kind of machine). Which model is better, and whether TVRN's "
-          "modules bind attributes\n(twin accuracy), needs longer runs and several seeds: README, 'Module study'.")
+    print("\n" + TABLE_NOTE)
     if summary["plot"]:
         print(f"\ndev RSUM curves: {summary['plot']}")
     print(f"results: {Path(args.out) / 'results.json'}; total {time.time() - t0:.0f} s")
-    best = Path(args.out) / "tvrn" / "best.pt"
-    if best.exists():
-        index = Path(args.out) / "test.index"
+    if summary.get("index"):
         exe = sys.argv[0] if Path(sys.argv[0]).name == "tvrn" else "tvrn"  # .venv/bin/tvrn after `make demo`
-        print(f"\nsearch the test split in a browser:\n  {exe} index {best} --data {data} --out {index} && "
-              f"{exe} serve {index}")
+        print(f"\nsearch the test split with the TVRN run in a browser (the page at http://127.0.0.1:8000/):\n"
+              f"  {exe} serve {summary['index']}")
     return 0
