@@ -211,3 +211,69 @@ def test_search_takes_options_before_or_after_the_query(tiny, capsys):
     assert len(outs[0]) == 2 and outs[0] == outs[1] == outs[2]
     rc, _, err = run_cli(["search", index, "-k", "2", "a red ball", "extra words"], capsys)
     assert_refused(rc, err, "unrecognized arguments")
+
+
+# ------------------------------------------------------------------ one bad checkpoint file, every command that reads one
+def _bad_checkpoint(kind: str, good: bytes) -> bytes:
+    """The damaged files the issue's user made: cut in half, empty, a text file, a flipped byte in the pickle."""
+    if kind == "truncated":
+        return good[: len(good) // 2]
+    if kind == "empty":
+        return b""
+    if kind == "text":
+        return b"epoch: 3\nloss: 0.25\n"
+    import io
+    import struct
+    import zipfile
+
+    data = bytearray(good)
+    info = next(i for i in zipfile.ZipFile(io.BytesIO(good)).infolist() if i.filename.endswith("/data.pkl"))
+    n, m = struct.unpack("<HH", bytes(data[info.header_offset + 26:info.header_offset + 30]))
+    data[info.header_offset + 30 + n + m + 1] ^= 0x20  # the pickle's protocol header: its CRC no longer matches
+    return bytes(data)
+
+
+def _command_reading(command: str, work: Path, data: Path) -> tuple[list, Path]:
+    """A command that reads a checkpoint -> (argv, where it reads the checkpoint from)."""
+    ckpt = work / "given.pt"
+    if command == "train --resume":  # resumes from OUT/last.pt
+        (work / "run").mkdir(exist_ok=True)
+        return (["train", "--config", "tvrn_synth", "--data", data, "--model", "vse", "--out", work / "run",
+                 "--resume", "--set", "model.embed_size=16", "--set", "model.word_dim=8", "--epochs", "1",
+                 "--batch-size", "4", "--no-progress"], work / "run" / "last.pt")
+    return {
+        "eval": ["eval", ckpt, "--data", data, "--no-progress"],
+        "index": ["index", ckpt, "--data", data, "--split", "test", "--out", work / "new.index", "--no-progress"],
+        "convert": ["convert", ckpt, "--from", "scan", "--out", work / "converted.pt"],
+    }[command], ckpt
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text", "pickle-flipped"])
+@pytest.mark.parametrize("command", ["eval", "index", "train --resume", "convert"])
+def test_a_damaged_checkpoint_in_every_command_is_one_named_line(tiny, tmp_path, capsys, command, kind):
+    """Status 2, the file named, no traceback, no torch advice (weights_only), within 60 s (run_cli), and what
+    was there before (an index at the output path) untouched."""
+    _, data, good, index = tiny
+    argv, bad = _command_reading(command, tmp_path, data)
+    bad.write_bytes(_bad_checkpoint(kind, good.read_bytes()))
+    (tmp_path / "new.index").mkdir()
+    (tmp_path / "new.index" / "keep.txt").write_text("an earlier output\n")
+    rc, _, err = run_cli(argv, capsys)
+    assert_refused(rc, err, str(bad), one_line=True)
+    assert "weights_only" not in err
+    assert (tmp_path / "new.index" / "keep.txt").read_text() == "an earlier output\n"
+    assert not (tmp_path / "converted.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text"])
+def test_serve_no_verify_with_a_damaged_model_file_exits_2_naming_it(tiny, tmp_path, kind):
+    """`tvrn serve --no-verify` skips the sha256 check; a damaged model.pt in the index must still end the
+    command with status 2 and its name, not a traceback or a server that never answers (subprocess, 60 s)."""
+    import shutil
+
+    _, _, good, index = tiny
+    copy = tmp_path / "copy.index"
+    shutil.copytree(index, copy)
+    (copy / "model.pt").write_bytes(_bad_checkpoint(kind, (index / "model.pt").read_bytes()))
+    rc, err = run_subprocess(["serve", copy, "--no-verify", "--port", "0"], timeout=60)
+    assert rc == 2 and "Traceback" not in err and "model.pt" in err, err
