@@ -344,7 +344,13 @@ def check_model_fits_split(model: nn.Module, split: PrecompSplit, checkpoint: st
 
 
 def load_trained(path: str | os.PathLike, map_location="cpu"):
-    """A checkpoint written by training -> (model in eval mode, tokenizer, checkpoint config dict)."""
+    """A checkpoint written by training (or `tvrn convert`), a model folder written by `tvrn export` or an
+    `hf-hub:ORG/NAME` name (tvrn.export) -> (model in eval mode, tokenizer, checkpoint config dict)."""
+    from .export import is_model_source, load_folder, trained_config
+
+    if is_model_source(path):  # the one place a folder is read where a checkpoint is: every command takes both
+        model, tokenizer, cfg = load_folder(path)
+        return model, tokenizer, trained_config(cfg)
     ckpt = load_checkpoint(path, map_location)
     model, tokenizer = model_from_checkpoint(ckpt, source=str(path))
     return model, tokenizer, ckpt.get("config") or {}

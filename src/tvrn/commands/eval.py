@@ -1,4 +1,4 @@
-"""`tvrn eval CKPT_OR_NPY [...] --data DIR --split test --protocol f30k_1k|coco_1k|coco_5k|all`.
+"""`tvrn eval CKPT_OR_FOLDER_OR_NPY [...] --data DIR --split test --protocol f30k_1k|coco_1k|coco_5k|all`.
 
 Several inputs are an ensemble: their score matrices are averaged. A `.npy` input is a saved score matrix
 (N_img, N_caps) of the split; `--save-scores` writes this evaluation's matrix for later ensembles. `--two-stage 5:25 10:50` (one checkpoint) adds
@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="evaluate checkpoints or score matrices under a protocol",
         description="Evaluate one checkpoint, a saved score matrix (.npy), or an ensemble of several.")
-    p.add_argument("inputs", nargs="+", help="checkpoints (.pt) and/or score matrices (.npy)")
+    p.add_argument("inputs", nargs="+", help="checkpoints (.pt), model folders (tvrn export), hf-hub:ORG/NAME "
+                                             "names and/or score matrices (.npy)")
     p.add_argument("--data", required=True, help="precomp data folder")
     p.add_argument("--split", default="test", help="split to evaluate (default %(default)s; COCO: testall)")
     p.add_argument("--protocol", default="all", choices=PROTOCOLS, help="evaluation protocol (default %(default)s)")
