@@ -72,28 +72,29 @@ def test_blocked_gradients_in_float32_within_rounding():
 
 
 class _Spy:
-    """Wraps model.score_pairs: records (pairs, caption length, all words real) of every recomputation (calls
-    from train_pair_bytes, which measures one pair, are not counted)."""
+    """Wraps model.METHOD (score_pairs, or score_grid with measure="train_grid_bytes"): records (images, caption
+    length, all words real, captions) of every recomputation; calls from MEASURE, which measures a pair or a
+    2 x 2 grid, are not counted."""
 
-    def __init__(self, model, monkeypatch):
+    def __init__(self, model, monkeypatch, method="score_pairs", measure="train_pair_bytes"):
         import tvrn.scoring
 
-        self.model, self.calls, self.inner, self.measuring = model, [], model.score_pairs, False
-        model.score_pairs = self
-        measure = tvrn.scoring.train_pair_bytes
+        self.model, self.calls, self.inner, self.measuring = model, [], getattr(model, method), False
+        setattr(model, method, self)
+        inner_measure = getattr(tvrn.scoring, measure)
 
         def measured(*args):
             self.measuring = True
             try:
-                return measure(*args)
+                return inner_measure(*args)
             finally:
                 self.measuring = False
 
-        monkeypatch.setattr(tvrn.scoring, "train_pair_bytes", measured)
+        monkeypatch.setattr(tvrn.scoring, measure, measured)
 
     def __call__(self, images, texts):
         if not self.measuring:
-            self.calls.append((len(images), texts.words.shape[1], bool(texts.mask.all())))
+            self.calls.append((len(images), texts.words.shape[1], bool(texts.mask.all()), len(texts)))
         return self.inner(images, texts)
 
 
@@ -112,8 +113,8 @@ def test_backward_recomputes_exactly_the_pairs_with_a_gradient_in_budgeted_chunk
         G[i, j] = 1.0 + i + j
     S.backward(G)
     calls = list(spy.calls)
-    assert sum(p for p, _, _ in calls) == len(pick)  # nothing else recomputed
-    for p, n, all_real in calls:  # each chunk one caption length, cut to it, within the budget
+    assert sum(p for p, _, _, _ in calls) == len(pick)  # nothing else recomputed
+    for p, n, all_real, _ in calls:  # each chunk one caption length, cut to it, within the budget
         assert all_real and p * train_pair_bytes(model, ei, et.trim(n)) <= budget * 2**20 or p == 1
     assert len(calls) >= 3
 
@@ -273,31 +274,6 @@ def test_score_grid_equals_the_inference_fast_path(name, refine):
         torch.testing.assert_close(grid.detach(), fast, atol=1e-12, rtol=0)
 
 
-class _GridSpy:
-    """Wraps model.score_grid: records (images, captions) of every block (the 2 x 2 measurement excluded)."""
-
-    def __init__(self, model, monkeypatch):
-        import tvrn.scoring
-
-        self.calls, self.inner, self.measuring = [], model.score_grid, False
-        model.score_grid = self
-        measure = tvrn.scoring.train_grid_bytes
-
-        def measured(*args):
-            self.measuring = True
-            try:
-                return measure(*args)
-            finally:
-                self.measuring = False
-
-        monkeypatch.setattr(tvrn.scoring, "train_grid_bytes", measured)
-
-    def __call__(self, images, texts):
-        if not self.measuring:
-            self.calls.append((len(images), len(texts), texts.words.shape[1]))
-        return self.inner(images, texts)
-
-
 def test_dense_lengths_are_recomputed_in_grid_blocks_and_sparse_ones_pair_by_pair(monkeypatch):
     """A gradient dense on the captions of length 5 and on two pairs elsewhere: the length-5 columns go through
     score_grid in blocks within the budget, the two pairs through score_pairs; the gradients equal the plain
@@ -311,12 +287,12 @@ def test_dense_lengths_are_recomputed_in_grid_blocks_and_sparse_ones_pair_by_pai
     torch.manual_seed(5)
     ei, et = model.encode_image(images), model.encode_text(texts)
     budget = 4 * train_grid_bytes(model, ei, et.trim(5)[1::3]) / 2**20  # four pairs per block
-    pairs, grids = _Spy(model, monkeypatch), _GridSpy(model, monkeypatch)
+    pairs, grids = _Spy(model, monkeypatch), _Spy(model, monkeypatch, "score_grid", "train_grid_bytes")
     S1, g1, e1 = _step(model, images, texts, True, w, budget=budget)
     torch.testing.assert_close(S1, S0, atol=1e-10, rtol=0)
-    assert sorted((p, n) for p, n, _ in pairs.calls) == [(1, 3), (1, 7)]
-    assert {n for _, _, n in grids.calls} == {5} and sum(a * b for a, b, _ in grids.calls) == 18
-    assert all(a * b <= 4 for a, b, _ in grids.calls) and len(grids.calls) >= 5
+    assert sorted((p, n) for p, n, _, _ in pairs.calls) == [(1, 3), (1, 7)]
+    assert {n for _, n, _, _ in grids.calls} == {5} and sum(a * b for a, _, _, b in grids.calls) == 18
+    assert all(a * b <= 4 for a, _, _, b in grids.calls) and len(grids.calls) >= 5
     assert LAST_TRAIN_BACKWARD["grid_pairs"] == 18 and LAST_TRAIN_BACKWARD["pairs"] == 20
     _assert_grads_close(g0, g1, 1e-9)
     for a, b in zip(e0, e1):
