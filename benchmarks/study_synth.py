@@ -19,7 +19,8 @@ Each run: `demo_synth` widths (D=64, S=32), the sum-over-negatives loss, lr --lr
 to a fifth at --milestone, early stop after --patience epochs without dev RSUM gain, the best-dev checkpoint
 evaluated on the test split: RSUM, twin accuracy (all twins, colour-swap twins, relation-flip twins), and
 text-to-image R@1 / R@5 per caption group from SPLIT_scenes.jsonl (captions that need attribute binding,
-a relation, or only categories). Runs go to --runs/<suite>/<config>_s<seed> and run two at a time (--jobs) with
+a relation, or only categories), and the pointing game (`tvrn.grounding.pointing_game`: the share of object words
+whose most attended region is one of their object's; rows from before it was added lack the key). Runs go to --runs/<suite>/<config>_s<seed> and run two at a time (--jobs) with
 one thread each.
 
     python benchmarks/study_synth.py --suite probe study [--seeds 0 1 2] [--jobs 2]
@@ -153,6 +154,10 @@ def one_run(a, suite: str, name: str, seed: int) -> dict:
     scores = score_split(model, test, tokenizer, cfg["data"])
     ranks = t2i_ranks(scores, c2i)
     twins = twin_pairs(root, "test")
+    from tvrn.grounding import pointing_game  # grounding: object words whose top region is their object's
+
+    grounding = pointing_game(model, tokenizer, root, "test",
+                              adjacency_threshold=cfg["data"].get("adjacency_threshold", 0.2))
     return {
         "suite": suite, "config": name, "seed": seed, "overrides": overrides, "data": str(root),
         "command": " ".join(["python", *sys.argv]), "threads": a.threads, "seconds": seconds,
@@ -164,6 +169,8 @@ def one_run(a, suite: str, name: str, seed: int) -> dict:
                          for g, idx in caption_groups(root, "test").items()},
         "train": {k: run_train[k] for k in ("epochs", "lr", "lr_milestones", "lr_gamma", "patience", "batch_size",
                                                "loss_mode", "loss_reduction", "loss_exclude_same_image")},
+        # rows written before it have no "pointing_game"; None for models without word-to-region attention (VSE)
+        "pointing_game": grounding,
     }
 
 

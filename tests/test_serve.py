@@ -443,3 +443,109 @@ def test_browser_renders_results_and_the_image_view(server):
     items = re.findall(r'<li class="(relevant)?">', dom.split('<div id="results">', 1)[1].split("<script>")[0])
     want = index.search_image(3, k=12, shortlist=60)
     assert len(items) == 12 and [bool(x) for x in items] == [h.image_index == 3 for h in want]
+
+
+# ------------------------------------------------------------------------------- why this image (/api/explain)
+def test_explain_api(server):
+    """/api/explain answers SearchIndex.explain as JSON (score, words, boxes, attention); errors as elsewhere."""
+    base, index = server
+    q = "a red ball on a blue box"
+    status, headers, body = request(base, "/api/explain?" + urllib.parse.urlencode({"q": q, "image": 5}))
+    res = json.loads(body)
+    ex = index.explain(q, 5)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert res["image"] == 5 and res["image_url"] == "/images/5" and res["words"] == ex.words
+    assert abs(res["score"] - ex.score) < 1e-6 and res["direction"] == "word_to_region"
+    assert len(res["attention"]) == len(ex.words) and len(res["attention"][0]) == len(res["boxes"]) == 8
+    assert res["regions"] == list(range(8)) and set(res["context"]) == {"relational", "spatial", "refine"}
+    for path, code, words in [("/api/explain?image=3", 400, "q (the query text) is missing"),
+                              ("/api/explain?q=cat", 400, "parameter image"),
+                              ("/api/explain?q=cat&image=12", 404, "no gallery image"),
+                              ("/api/explain?q=cat&image=-1", 404, "no gallery image"),
+                              ("/api/explain?q=cat&image=x", 404, "no gallery image"),
+                              ("/api/explain?image=1&q=" + "cat+" * 300, 400, "query too long")]:
+        got, headers, body = request(base, path)
+        assert got == code and headers["content-type"] == "application/json", path
+        assert words in json.loads(body)["error"], path
+
+
+def _browser(url: str, *how: str, window=(1000, 1000)):
+    exe = _chromium()
+    if exe is None:
+        message = "headless Chromium is not installed: apt-get install -y chromium (.ci/run installs it)"
+        if os.environ.get("TVRN_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+           f"--window-size={window[0]},{window[1]}", "--force-device-scale-factor=1",
+           "--user-data-dir=" + str(__import__("tempfile").mkdtemp()), "--virtual-time-budget=15000", *how, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+
+
+def _pixels_of(png, rect, colour, tol=12):
+    """Screen pixels inside `rect` (the picture on the page) within `tol` of `colour` -> their bounding box
+    (x0, y0, x1, y1) in page pixels, and their count."""
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    x0, y0 = int(rect["x"]), int(rect["y"])
+    crop = img[y0:y0 + int(rect["height"]), x0:x0 + int(rect["width"])]
+    ys, xs = np.nonzero((np.abs(crop - np.array(colour)) <= tol).all(-1))
+    if not len(xs):
+        return None, 0
+    return (x0 + xs.min(), y0 + ys.min(), x0 + xs.max(), y0 + ys.max()), len(xs)
+
+
+def _on_screen(box, rect):
+    """A region box (x1, y1, x2, y2 in the image's pixels) -> where it is drawn on the page (clipped to it)."""
+    sx, sy = rect["width"] / rect["frame"][0], rect["height"] / rect["frame"][1]
+    x1, y1 = max(0.0, float(box[0])) * sx + rect["x"], max(0.0, float(box[1])) * sy + rect["y"]
+    x2 = min(float(box[2]) * sx, rect["width"] - 1) + rect["x"]
+    y2 = min(float(box[3]) * sy, rect["height"] - 1) + rect["y"]
+    return x1, y1, x2, y2
+
+
+def test_browser_draws_region_boxes_and_highlights_a_words_regions(server, tmp_path):
+    """The explain view in Chromium (screenshots): with no word selected every region box is drawn (cyan pixels
+    span the boxes' extent); selecting a word draws its most attended region in magenta, where that region's box
+    is; selecting another word whose top region differs moves the magenta box there."""
+    import html
+
+    base, index = server
+    q = index.captions[7]
+    for hit in index.search_text(q, k=12):  # the best hit where two of the query's words differ in their top region
+        image, ex = hit.index, index.explain(q, hit.index)
+        tops = [int(ex.attention[l].argmax()) for l in range(len(ex.words))]
+        if len(set(tops)) > 1:
+            break
+    first = 1
+    second = next(l for l in range(len(tops)) if tops[l] != tops[first])
+    url = base + "/?" + urllib.parse.urlencode({"q": q, "explain": image})
+    dom = _browser(url, "--dump-dom")
+    view = dom.split('<div id="results">', 1)[1].split("<script>")[0]  # rendered (the script holds templates)
+    assert f'alt="image {image}"' in view and view.count('<rect class="region"') == len(ex.regions)
+    assert all(f'data-token="{l}"' in view for l in range(len(ex.words)))  # every token of the query, selectable
+    rect = json.loads(html.unescape(re.search(r'data-rect="([^"]*)"', view).group(1)))
+    assert rect["frame"] == [64, 64] and rect["width"] == 384
+
+    shot = tmp_path / "none.png"
+    _browser(url, f"--screenshot={shot}")
+    found, n = _pixels_of(shot, rect, (0, 229, 255))  # no word: every box in the plain colour
+    assert n > 200, "no region boxes drawn"
+    union = (min(b[0] for b in ex.boxes), min(b[1] for b in ex.boxes), max(b[2] for b in ex.boxes),
+             max(b[3] for b in ex.boxes))
+    assert all(abs(a - b) <= 3 for a, b in zip(found, _on_screen(union, rect))), (found, union)
+    assert _pixels_of(shot, rect, (255, 0, 255))[1] == 0  # nothing highlighted yet
+
+    where = {}
+    for word in (first, second):
+        shot = tmp_path / f"word{word}.png"
+        _browser(url + f"&word={word}", f"--screenshot={shot}")
+        found, n = _pixels_of(shot, rect, (255, 0, 255))
+        assert n > 50, f"word {word}: no highlighted box"
+        want = _on_screen(ex.boxes[tops[word]], rect)
+        assert all(abs(a - b) <= 4 for a, b in zip(found, want)), (word, found, want)
+        where[word] = found
+    assert where[first] != where[second]

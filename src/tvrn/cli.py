@@ -17,7 +17,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("synth", "train", "eval", "demo", "search", "convert", "extract", "export")  # search: the index, search and serve commands
+COMMANDS = ("synth", "train", "eval", "demo", "search", "convert", "extract", "export", "explain")  # search: the index, search and serve commands
 
 
 # Failures a user's input causes (files, values, configs, checkpoints of another model): a message, not a

@@ -39,7 +39,35 @@ def register(subparsers) -> None:
                         "of 100 images x 100 captions, captions refined against each shard's first image, spatial "
                         "context from the last test batch's boxes) beside the correct per-pair evaluation; needs "
                         "image and caption counts that are multiples of 100")
+    p.add_argument("--no-pointing-game", action="store_true",
+                   help="skip the pointing game (grounding accuracy, reported for each model input on a `tvrn synth` "
+                        "split, whose scenes say which regions are each object's; tvrn.grounding)")
     p.set_defaults(func=run)
+
+
+def pointing_games(args: argparse.Namespace) -> dict:
+    """{input: pointing-game result} for the model inputs (not .npy) when the split has synthetic scenes."""
+    from tvrn.grounding import has_scenes, pointing_game
+    from tvrn.pipeline import load_trained
+
+    if args.no_pointing_game or not has_scenes(args.data, args.split):
+        return {}
+    out = {}
+    for p in args.inputs:
+        if str(p).endswith(".npy"):
+            continue
+        model, tokenizer, _ = load_trained(p)
+        if args.device is not None:
+            model.to(args.device)
+        try:
+            result = pointing_game(model, tokenizer, args.data, args.split,
+                                   adjacency_threshold=args.adjacency_threshold)
+        except ValueError as e:  # scenes whose regions cannot be recovered: the retrieval metrics still stand
+            print(f"  pointing game skipped: {e}")
+            continue
+        if result is not None:
+            out[str(p)] = result
+    return out
 
 
 def parse_k(text: str) -> tuple[int, int]:
@@ -105,6 +133,13 @@ def run(args: argparse.Namespace) -> int:
         print("  as the TVRN authors' evaluation script computes it (shards of 100, first-image refinement, last "
               "batch's boxes; not a per-pair evaluation):")
         print(format_metrics(result["published_protocol"]))
+    grounding = pointing_games(args)
+    if grounding:
+        from tvrn.grounding import format_pointing
+
+        for p, g in grounding.items():
+            print(format_pointing(g) if len(args.inputs) == 1 else f"  {p}:\n" + format_pointing(g))
+        result["pointing_game"] = grounding if len(args.inputs) > 1 else next(iter(grounding.values()))
     if args.out:
         write_json(args.out, result)
         print(f"  metrics written to {args.out}")

@@ -168,13 +168,18 @@ class RetrievalModel(nn.Module):
     the plain equations for aligned pairs (images[p], texts[p]); the training path
     (`tvrn.scoring.score_all_train`) scores the whole (B, B) matrix with the fast inference path and, in
     backward, recomputes only the pairs whose gradient is non-zero through `score_pairs`.
+
+    `encode_image(images, record=None)` and `score_pairs(images, texts, record=None)` take an optional dict that
+    receives the intermediates the computation used (attention weights, gates, similarity nodes): what
+    `explain` (`tvrn.models.explain`) reads, so an explanation comes from the code that scores. None (the
+    default, and every scoring call) records nothing and changes nothing.
     """
 
     config: ModelConfig
     blocked_training = True  # forward(..., memory_budget_mb=X) trains through score_all_train
     gathers_negatives = True  # forward(..., gather=True) scores against every DDP rank's items
 
-    def encode_image(self, images) -> EncodedImages:
+    def encode_image(self, images, record: Optional[dict] = None) -> EncodedImages:
         raise NotImplementedError
 
     def encode_text(self, texts) -> EncodedTexts:
@@ -183,9 +188,16 @@ class RetrievalModel(nn.Module):
     def score(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
         raise NotImplementedError
 
-    def score_pairs(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
-        """(P,) scores of the aligned pairs (images[p], texts[p]); autograd-friendly."""
+    def score_pairs(self, images: EncodedImages, texts: EncodedTexts, record: Optional[dict] = None) -> torch.Tensor:
+        """(P,) scores of the aligned pairs (images[p], texts[p]); autograd-friendly. record: see the class doc."""
         raise NotImplementedError
+
+    def explain(self, images, texts):
+        """Why these aligned (image, caption) pairs score as they do: `tvrn.models.explain.explain_pairs`
+        (ImageBatch (P), TextBatch (P) -> PairExplanations; `.item(p)` is one pair's `Explanation`)."""
+        from .explain import explain_pairs
+
+        return explain_pairs(self, images, texts)
 
     def inference_encodings(self, images: EncodedImages) -> EncodedImages:
         """Encodings made with gradients, plus the per-image fields only the inference fast path reads

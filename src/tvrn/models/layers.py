@@ -94,9 +94,10 @@ class Attention(nn.Module):
         if self.score not in self.SCORES:
             raise ValueError(f"unknown attention score {self.score!r}, expected one of {self.SCORES}")
 
-    def forward(self, queries, context, mask, weight: torch.Tensor | None = None):
+    def forward(self, queries, context, mask, weight: torch.Tensor | None = None, record: dict | None = None):
         """weight: (B, Lq, Lc) factor applied to the raw scores before normalisation (the published spatial
-        context's adjacency, which multiplies instead of masking), or None."""
+        context's adjacency, which multiplies instead of masking), or None. record: a dict that receives
+        "weights", the attention weights (B, Lq, Lc) this call used (`tvrn.models.explain`), or None."""
         q, k = self.q(queries), self.k(context)  # (B, Lq, D), (B, Lc, D)
         if self.score == "cosine":
             q, k = l2norm(q), l2norm(k)
@@ -108,6 +109,8 @@ class Attention(nn.Module):
         if weight is not None:
             s = s * weight
         a = attention_weights(s, mask, self.lam)  # (B, Lq, Lc)
+        if record is not None:
+            record["weights"] = a
         return l2norm(a @ context)  # (B, Lq, Lc) @ (B, Lc, D) -> (B, Lq, D)
 
 
@@ -274,12 +277,19 @@ class GraphReasoning(nn.Module):
                            "key": nn.Linear(sim_dim, sim_dim, bias=False),  # its bias cancels in the softmax
                            "graph": nn.Linear(sim_dim, sim_dim)}) for _ in range(steps))
 
-    def forward(self, nodes, mask, read_global: bool):
-        """nodes (B, n, S), mask (B, n) -> (B, S): node 0 if read_global else the masked mean."""
+    def forward(self, nodes, mask, read_global: bool, record: dict | None = None):
+        """nodes (B, n, S), mask (B, n) -> (B, S): node 0 if read_global else the masked mean.
+        record: a dict that receives "edges", the list of each step's edge weights (B, n, n) (rows: the node
+        updated, columns: the nodes it reads), or None."""
+        edges = [] if record is not None else None
         for step in self.steps:
             edge = step["query"](nodes) @ step["key"](nodes).transpose(1, 2)  # (B, n, S) @ (B, S, n) -> (B, n, n)
             edge = masked_softmax(edge, mask[:, None, :].expand_as(edge))  # softmax over keys
+            if edges is not None:
+                edges.append(edge)
             nodes = torch.relu(step["graph"](edge @ nodes))  # (B, n, n) @ (B, n, S) -> (B, n, S)
+        if record is not None:
+            record["edges"] = edges
         return nodes[:, 0] if read_global else masked_mean(nodes, mask)
 
     def forward_dense(self, nodes, read_global: bool):
@@ -314,9 +324,13 @@ class AttentionFiltration(nn.Module):
         super().__init__()
         self.attn = nn.Linear(sim_dim, 1)
 
-    def forward(self, nodes, mask, read_global: bool = True):
+    def forward(self, nodes, mask, read_global: bool = True, record: dict | None = None):
+        """nodes (B, n, S), mask (B, n) -> (B, S). record: a dict that receives "weights", the normalised node
+        weights w (B, n), or None."""
         w = torch.sigmoid(self.attn(nodes).squeeze(-1)) * mask  # (B, n)
         w = w / (w.sum(-1, keepdim=True) + EPS)
+        if record is not None:
+            record["weights"] = w
         return l2norm((w.unsqueeze(-1) * nodes).sum(1))  # (B, S)
 
     def forward_parts(self, glob, locals_raw):

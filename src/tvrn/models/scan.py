@@ -33,7 +33,8 @@ class SCAN(RetrievalModel):
         c = self.config
         return c.text_norm if c.direction == "t2i" else c.image_norm
 
-    def encode_image(self, images) -> EncodedImages:
+    def encode_image(self, images, record: Optional[dict] = None) -> EncodedImages:
+        """record: accepted for the common interface (`tvrn.models.explain`); SCAN has no image-side weights."""
         mask = images.mask.bool()
         V = self.img_enc(images.features, mask)  # (Ni, R, D)
         # t2i attends regions: their Gram matrix is per-image work of the fast path (i2t attends words)
@@ -102,11 +103,12 @@ class SCAN(RetrievalModel):
         """The plain computation (autograd, training) for all pairs (Ni, Nt)."""
         return self._pair_core(images.regions[:, None], images.mask[:, None], texts.words[None], texts.mask[None])
 
-    def score_pairs(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
-        """(P,) scores of the aligned pairs (images[p], texts[p]): the plain path with one pair axis."""
+    def score_pairs(self, images: EncodedImages, texts: EncodedTexts, record: Optional[dict] = None) -> torch.Tensor:
+        """(P,) scores of the aligned pairs (images[p], texts[p]): the plain path with one pair axis.
+        record: a dict that receives the pair side's intermediates (see `_pair_core`), or None (scoring)."""
         if len(images) != len(texts):
             raise ValueError(f"score_pairs needs as many images as captions, got {len(images)} and {len(texts)}")
-        return self._pair_core(images.regions, images.mask, texts.words, texts.mask)
+        return self._pair_core(images.regions, images.mask, texts.words, texts.mask, record)
 
     def inference_encodings(self, images: EncodedImages) -> EncodedImages:
         """Adds V V^T (Ni, R, R), which the t2i fast path reads, to encodings made with gradients."""
@@ -115,9 +117,14 @@ class SCAN(RetrievalModel):
         with torch.no_grad():
             return replace(images, units_gram=gram(images.regions.detach()))
 
-    def _pair_core(self, V, vmask, T, tmask) -> torch.Tensor:
+    def _pair_core(self, V, vmask, T, tmask, record: Optional[dict] = None) -> torch.Tensor:
         """Attended vectors, cosines, aggregation for broadcastable regions V (.., R, D), vmask (.., R), words
-        T (.., L, D), tmask (.., L) -> scores (broadcast leading shape)."""
+        T (.., L, D), tmask (.., L) -> scores (broadcast leading shape).
+
+        record: None (scoring), or a dict that receives what this computation used (`tvrn.models.explain`):
+        "attention" (.., Lq, Lc) the weights of each query over its context (t2i: words over regions (.., L, R);
+        i2t: regions over words (.., R, L)), "cosines" (.., Lq) each query's cosine with its attended vector
+        (the per-word, or per-region, similarities the score aggregates), "score" (..)."""
         c = self.config
         if c.direction == "t2i":  # queries: words, context: regions
             q, ctx, qmask, cmask = T, V, tmask, vmask
@@ -130,7 +137,10 @@ class SCAN(RetrievalModel):
         cos = (attended * q).sum(-1)  # (.., Lq)
         if not self._unit_queries:
             cos = cos / q.norm(dim=-1).clamp_min(EPS)  # SCAN's cosine_similarity with non-unit queries
-        return self._aggregate(cos, qmask)
+        score = self._aggregate(cos, qmask)
+        if record is not None:
+            record.update(attention=a, cosines=cos, score=score)
+        return score
 
 
 def scan_cross_attention(C: torch.Tensor, cmask, Q: torch.Tensor, qmask, lam: float,

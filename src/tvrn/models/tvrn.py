@@ -72,20 +72,26 @@ class TVRN(RetrievalModel):
                 init_linears(module)
 
     # ---------------------------------------------------------------- per image
-    def _context(self, V, mask, adjacency):
-        """Context IRs C (Ni, R, D) from V (Ni, R, D)."""
+    def _context(self, V, mask, adjacency, record=None):
+        """Context IRs C (Ni, R, D) from V (Ni, R, D). record: dict receiving "relational" / "spatial", the
+        region-to-region weights (Ni, R, R) of the contexts computed, or None."""
         parts = []
+        sub = {} if record is not None else None  # one attention call's weights, moved to their name below
         if self.config.relational_context:
-            parts.append(self.relational(V, V, pair_mask(mask, mask)))  # (Ni, R, D)
+            parts.append(self.relational(V, V, pair_mask(mask, mask), record=sub))  # (Ni, R, D)
+            if record is not None:
+                record["relational"] = sub.pop("weights")
         if self.config.spatial_context:
             if adjacency is None:
                 raise ValueError("spatial_context needs images.adjacency (region boxes); "
                                  "build the model with spatial_context=False for data without boxes")
             adj = spatial_mask(adjacency, mask)  # (Ni, R, R) overlapping real regions, diagonal True
             if self.config.spatial_adjacency == "multiply":  # published: scores of the others times 0, kept
-                parts.append(self.spatial(V, V, pair_mask(mask, mask), weight=adj.to(V.dtype)))  # (Ni, R, D)
+                parts.append(self.spatial(V, V, pair_mask(mask, mask), weight=adj.to(V.dtype), record=sub))
             else:
-                parts.append(self.spatial(V, V, adj))  # (Ni, R, D)
+                parts.append(self.spatial(V, V, adj, record=sub))  # (Ni, R, D)
+            if record is not None:
+                record["spatial"] = sub.pop("weights")
         if not parts:
             return V
         return l2norm(sum(parts) / len(parts)) * mask.unsqueeze(-1)
@@ -98,11 +104,13 @@ class TVRN(RetrievalModel):
         h, _ = gru_scan(self.unify_gru, gru_input(self.unify_gru, X), m2)  # (Ni, 2R, D)
         return l2norm(h + torch.cat([V, V], 1)) * m2.unsqueeze(-1), m2
 
-    def encode_image(self, images) -> EncodedImages:
+    def encode_image(self, images, record: dict | None = None) -> EncodedImages:
+        """record: a dict that receives the context weights "relational" / "spatial" (Ni, R, R) where the
+        model computes them (`tvrn.models.explain`), or None (scoring)."""
         c = self.config
         mask = images.mask.bool()
         V = self.img_enc(images.features, mask)  # (Ni, R, D)
-        C = self._context(V, mask, images.adjacency) if c.needs_context else None
+        C = self._context(V, mask, images.adjacency, record) if c.needs_context else None
         U, umask = self._unify(V, C, mask) if c.unify else (V, mask)  # (Ni, R', D)
         g = self.image_pool(U, umask)  # (Ni, D)
         enc = EncodedImages(regions=V, mask=mask, units=U, units_mask=umask, glob=g,
@@ -145,12 +153,15 @@ class TVRN(RetrievalModel):
     # The plain path is written once, for aligned pairs with leading axes `lead`: image fields (*lead, ...) and
     # caption fields (*lead, ...) that broadcast against each other. score_pairs passes P aligned pairs
     # (lead = (P,)); _score_plain passes grid views (images (Ni, 1, ...), captions (1, Nt, ...), lead = (Ni, Nt)).
-    def _refine(self, I: EncodedImages, T: EncodedTexts, lead):
-        """Module 2: T_ref (*lead, 2L, D), its mask (.., 2L), t_glo (*lead, D) or None."""
+    def _refine(self, I: EncodedImages, T: EncodedTexts, lead, record=None):
+        """Module 2: T_ref (*lead, 2L, D), its mask (.., 2L), t_glo (*lead, D) or None. record: dict receiving
+        "refine_attention", the word-to-context-IR weights (*lead, L, R), or None."""
         # E = Attn(T_ctx, C^(k)): queries Wq T_ctx per caption, keys Wk C per image
         s = T.ctx_queries @ I.ctx_keys.transpose(-1, -2)  # (.., L, D) @ (.., D, R) -> (*lead, L, R)
         m = T.mask[..., :, None] & I.mask[..., None, :]  # (*lead, L, R)
         a = attention_weights(s, m, self.config.lambda_softmax)  # (*lead, L, R)
+        if record is not None:
+            record["refine_attention"] = a
         # GRU input gates of E = l2(sum_r a_r C_r) without forming E: W_ih E = (sum_r a_r W_ih C_r) / ||sum_r a_r C_r||
         sq = ((a @ I.ctx_gram) * a).sum(-1)  # (*lead, L, R) @ (.., R, R) -> (*lead, L, R) -> (*lead, L)
         gi = a @ I.ctx_gates  # (*lead, L, R) @ (.., R, 3D) -> (*lead, L, 3D)
@@ -205,21 +216,28 @@ class TVRN(RetrievalModel):
         """The masked, autograd-friendly computation for all pairs (Ni, Nt), written like the equations."""
         return self._pair_core(*grid_layout(images, texts), (len(images), len(texts)))
 
-    def score_pairs(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
-        """(P,) scores of the aligned pairs (images[p], texts[p]): the plain path with one pair axis."""
+    def score_pairs(self, images: EncodedImages, texts: EncodedTexts, record: dict | None = None) -> torch.Tensor:
+        """(P,) scores of the aligned pairs (images[p], texts[p]): the plain path with one pair axis.
+        record: a dict that receives the pair side's intermediates (see `_pair_core`), or None (scoring)."""
         if len(images) != len(texts):
             raise ValueError(f"score_pairs needs as many images as captions, got {len(images)} and {len(texts)}")
-        return self._pair_core(images, texts, (len(images),))
+        return self._pair_core(images, texts, (len(images),), record)
 
-    def _pair_core(self, I: EncodedImages, T: EncodedTexts, lead) -> torch.Tensor:
-        """DESIGN 3's pair side for broadcastable image / caption fields -> scores (*lead)."""
+    def _pair_core(self, I: EncodedImages, T: EncodedTexts, lead, record=None) -> torch.Tensor:
+        """DESIGN 3's pair side for broadcastable image / caption fields -> scores (*lead).
+
+        record: None (scoring), or a dict that receives what this computation used (`tvrn.models.explain`):
+        "attention" (*lead, L', R') module 3's word-to-unit weights (gated when module 3 is on), "refine_attention"
+        (*lead, L, R) module 2's word-to-context-IR weights (per-pair refinement only), "local_nodes" (*lead, L', S)
+        and "global_node" (*lead, S) (or None) the similarity nodes, "reasoning" SGR's {"edges": steps x (P, n, n)}
+        or SAF's {"weights": (P, n)} over the nodes [global;] local (P = prod(lead)), "score" (*lead)."""
         c = self.config
         U, umask, g = I.units, I.units_mask, I.glob  # (.., R', D), (.., R'), (.., D)
         if c.refine_text and T.anchored is not None:  # refined once against the block's first image
             T_ref = torch.cat([T.refined, T.anchored], -2)  # (.., 2L, D)
             tmask, t_glo = torch.cat([T.mask, T.mask], -1), T.anchored_glob  # (.., 2L), (.., D) or None
         elif c.refine_text:
-            T_ref, tmask, t_glo = self._refine(I, T, lead)  # (*lead, L', D), (.., L'), (*lead, D)
+            T_ref, tmask, t_glo = self._refine(I, T, lead, record)  # (*lead, L', D), (.., L'), (*lead, D)
         else:
             T_ref, tmask, t_glo = T.words, T.mask, T.glob  # (.., L, D), (.., L), (.., D)
         # module 3 (gates off: SGRAF's text-to-image attention): words attend the unified IRs
@@ -231,13 +249,22 @@ class TVRN(RetrievalModel):
         # similarity encoding: local node per word, global node
         nodes = l2norm(self.sim_local((U_hat - T_ref) ** 2))  # (*lead, L', S)
         nmask = tmask.expand(*lead, tmask.shape[-1])  # (*lead, L')
+        if record is not None:
+            record.update(attention=a, local_nodes=nodes, global_node=None)
         if c.global_node:
             glo = l2norm(self.sim_global((g - t_glo) ** 2))  # (*lead, S)
+            if record is not None:
+                record["global_node"] = glo
             nodes = torch.cat([glo.unsqueeze(-2), nodes], -2)  # (*lead, 1 + L', S)
             nmask = torch.cat([nmask.new_ones(*lead, 1), nmask], -1)  # (*lead, 1 + L')
         n, S = nodes.shape[-2:]
-        vec = self.reason(nodes.reshape(-1, n, S), nmask.reshape(-1, n), read_global=c.global_node)  # (prod(lead), S)
-        return torch.sigmoid(self.sim_eval(vec)).view(lead)
+        sub = {} if record is not None else None
+        vec = self.reason(nodes.reshape(-1, n, S), nmask.reshape(-1, n), read_global=c.global_node,
+                          record=sub)  # (prod(lead), S)
+        score = torch.sigmoid(self.sim_eval(vec)).view(lead)
+        if record is not None:
+            record.update(reasoning=sub, score=score)
+        return score
 
     # ---------------------------------------------------------------- per pair, inference
     def _refine_dense(self, images: EncodedImages, texts: EncodedTexts, rmask):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,8 @@ class VSE(RetrievalModel):
         self.img_enc = RegionEncoder(config.img_dim, config.embed_size)
         self.txt_enc = build_text_encoder(config)
 
-    def encode_image(self, images) -> EncodedImages:
+    def encode_image(self, images, record: Optional[dict] = None) -> EncodedImages:
+        """record: accepted for the common interface (`tvrn.models.explain`); nothing to record."""
         mask = images.mask.bool()
         V = self.img_enc(images.features, mask)  # (Ni, R, D)
         return EncodedImages(regions=V, mask=mask, glob=_pool(V, mask, self.config.pool))
@@ -42,9 +44,13 @@ class VSE(RetrievalModel):
     def score(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
         return images.glob @ texts.glob.T  # (Ni, D) @ (D, Nt) -> (Ni, Nt)
 
-    def score_pairs(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
-        """(P,) cosines of the aligned pairs (images[p], texts[p])."""
-        return (images.glob * texts.glob).sum(-1)
+    def score_pairs(self, images: EncodedImages, texts: EncodedTexts, record: Optional[dict] = None) -> torch.Tensor:
+        """(P,) cosines of the aligned pairs (images[p], texts[p]). record: dict receiving "score", or None: a
+        dual encoder computes no word-to-region alignment."""
+        score = (images.glob * texts.glob).sum(-1)
+        if record is not None:
+            record["score"] = score
+        return score
 
     def pair_bytes(self, images: EncodedImages, texts: EncodedTexts) -> int:
         return 8  # one float score (+ slack)
@@ -132,7 +138,8 @@ class VSEGPO(RetrievalModel):
     def _finish(self, pooled: torch.Tensor, norm: bool) -> torch.Tensor:
         return l2norm(pooled) if norm else pooled
 
-    def encode_image(self, images) -> EncodedImages:
+    def encode_image(self, images, record: Optional[dict] = None) -> EncodedImages:
+        """record: accepted for the common interface (`tvrn.models.explain`); nothing to record."""
         mask = images.mask.bool()
         V = (self.img_enc(images.features, mask) + self.img_mlp(images.features)) * mask[..., None]  # (Ni, R, D)
         return EncodedImages(regions=V, mask=mask, glob=self._finish(self.img_pool(V, mask), self.config.image_norm))
@@ -147,8 +154,12 @@ class VSEGPO(RetrievalModel):
         code, the raw dot product)."""
         return images.glob @ texts.glob.T
 
-    def score_pairs(self, images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
-        return (images.glob * texts.glob).sum(-1)
+    def score_pairs(self, images: EncodedImages, texts: EncodedTexts, record: Optional[dict] = None) -> torch.Tensor:
+        """(P,) scores of the aligned pairs; record as VSE.score_pairs."""
+        score = (images.glob * texts.glob).sum(-1)
+        if record is not None:
+            record["score"] = score
+        return score
 
     def pair_bytes(self, images: EncodedImages, texts: EncodedTexts) -> int:
         return 8

@@ -539,6 +539,52 @@ class SearchIndex:
                             text=self.captions[c], image_index=img_c))
         return hits
 
+    def explain(self, caption: str, image: int):
+        """Why gallery image `image` scores what it does for `caption` -> `tvrn.models.explain.Explanation`: the
+        caption's tokens (`words`: their strings) and the image's regions (`boxes` from the split's
+        SPLIT_ims_bbx.npy when the index's data folder is readable, else None), each word's attention over the
+        regions, module-3 gates, per-word contributions, and the pair's score, which is the search hit's score
+        (the pair part runs on the index's stored encodings, as search does). The image-side context weights
+        (TVRN's relational / spatial, `context`) are not stored in an index: they are computed again from the
+        split's features when those are readable and encode to the stored regions, else left out.
+        Raises SearchIndexError for an empty caption or an image outside the gallery."""
+        from ..models.explain import explain_encoded
+
+        if isinstance(image, bool) or not isinstance(image, int) or not 0 <= image < self.num_images:
+            raise SearchIndexError(f"image index must be an integer in [0, {self.num_images}), got {image!r}")
+        enc_t = self.encode_queries([caption])  # (1, L); refuses a caption without tokens
+        ids = self.tokenizer.encode(caption)
+        enc_i = self.images.get(torch.tensor([image]))
+        boxes, record = self._explain_image_side(image, enc_i)
+        ex = explain_encoded(self.model, enc_i, enc_t, tokens=torch.tensor([ids], dtype=torch.long), boxes=boxes,
+                             image_record=record).item(0)
+        ex.words = _token_strings(self.tokenizer, caption, ids)
+        return ex
+
+    def _explain_image_side(self, image: int, enc_i) -> tuple[Optional[torch.Tensor], Optional[dict]]:
+        """(boxes (1, R, 4) or None, the context weights `encode_image` records or None) of gallery image `image`,
+        from the index's data folder when it is readable (and its features encode to the stored regions)."""
+        from ..data import collate_images
+
+        try:
+            data = load_split(self.data_root, self.split)
+            if data.num_images != self.num_images:
+                return None, None
+            boxes = data.boxes([image])
+            if boxes is None:
+                return None, None
+            threshold = float((self.extract or {}).get("adjacency_threshold", 0.2))
+            batch = collate_images(data.image_features([image]), boxes, [image], threshold)
+        except (OSError, ValueError, IndexError):  # no data folder there any more, or another split: no boxes
+            return None, None
+        record: dict = {}
+        with torch.no_grad():
+            again = self.model.encode_image(batch, record=record)
+        if again.regions.shape != enc_i.regions.shape or \
+                not torch.allclose(again.regions.float(), enc_i.regions.float(), atol=1e-2, rtol=0):
+            record = {}  # the folder's features are not the indexed ones: their context weights would not be either
+        return batch.boxes, record or None
+
     # ------------------------------------------------------------------ for the web page
     def caption_indices_of(self, image: int) -> list[int]:
         """The gallery captions of image `image`, in gallery order."""
@@ -641,6 +687,22 @@ def _manifest_problem(man: dict) -> Optional[str]:
 def _train_count(n_images: int, n_captions: int) -> tuple[int, str]:
     """The fewest vectors a FAISS index of the gallery is trained on (both sides get one), and what they are."""
     return (n_images, "images") if n_images <= n_captions else (n_captions, "captions")
+
+
+def _token_strings(tokenizer, caption: str, ids: list[int]) -> list[str]:
+    """The string of each token id of `tokenizer.encode(caption)` (special tokens included): the caption's own
+    words for the vocabulary tokenizer (so an unknown word shows as itself, not <unk>), word pieces for BERT."""
+    from ..data.vocab import tokenize
+
+    if hasattr(tokenizer, "idx2word"):  # tvrn.data.Vocabulary: [<start>] + words + [<end>]
+        words = tokenize(caption)
+        if len(words) + 2 == len(ids):
+            return [tokenizer.idx2word[ids[0]], *words, tokenizer.idx2word[ids[-1]]]
+        return [tokenizer.idx2word[i] for i in ids]
+    tok = getattr(tokenizer, "_tok", None)
+    if tok is not None:
+        return [str(t) for t in tok.convert_ids_to_tokens(ids)]
+    return [str(i) for i in ids]
 
 
 def _ids(data) -> list[str]:

@@ -7,6 +7,9 @@ Endpoints (GET or HEAD; JSON answers; every error, whatever its status, method o
     /api/info                             model, split, gallery sizes, limits
     /api/search?q=TEXT&k=10&shortlist=100 text -> images (shortlist=0: exact, every image scored)
     /api/image/N?k=10&shortlist=500       gallery image N -> captions (its own captions marked relevant)
+    /api/explain?q=TEXT&image=N           why image N scores what it does for TEXT: each token's attention over
+                                          the image's regions (with their boxes), gates, per-word contributions,
+                                          the pair's score (`SearchIndex.explain`; the page draws it)
     /images/N                             the image file of gallery image N (a regular file inside the
                                           index's image folder, links resolved; nothing else is served)
     POST /api/query-image?k=10&shortlist=500  body: an image file -> captions (indexes of `tvrn extract` data;
@@ -43,7 +46,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional
 
-from .index import SearchIndex, inside_folder
+from .index import SearchIndex, SearchIndexError, inside_folder
 from .service import MULTIPART, Limits, SearchService, ServiceError, looks_multipart, parse_index
 
 try:
@@ -88,6 +91,37 @@ def _lower_priority(nice: int) -> None:
             pass
 
 
+class ExplainService(SearchService):
+    """SearchService plus the answer of /api/explain (what the server's model pool runs)."""
+
+    def explain(self, q: Optional[str], image: Optional[str]) -> dict:
+        """Caption and gallery image -> {"query", "image", "image_id", "image_url", "unknown_words", the
+        Explanation's fields (`tvrn.models.explain.Explanation.to_dict`: words (L token strings), tokens,
+        regions (R,), boxes (R, 4) or None, attention (L, R) or None, direction, gates, word_contributions,
+        region_contributions, global_contribution, contribution_kind, context, score, model), "seconds"}.
+        A query above max_query_words words is cut to that many (`truncated`), as a search is."""
+        import time
+
+        q = self.check_query(q)
+        if image is None or image == "":
+            raise ServiceError(400, "parameter image (the gallery image to explain) is missing")
+        img = parse_index(image, self.index.num_images, "gallery image")
+        t0 = time.perf_counter()
+        words = self.index.query_words(q)
+        out = {"query": q, "image": img, "image_id": self.index.image_ids[img], "image_url": self._url(img),
+               "unknown_words": words["unknown"]}
+        if len(words["words"]) > self.limits.max_query_words:
+            out["truncated"] = {"words": len(words["words"]), "kept": self.limits.max_query_words}
+            q = " ".join(words["words"][: self.limits.max_query_words])
+        try:
+            ex = self.index.explain(q, img)
+        except SearchIndexError as e:
+            raise ServiceError(400, str(e)) from None
+        out.update(ex.to_dict())
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+
 _WORKER: dict = {}  # in a model worker process: its own SearchService
 
 
@@ -112,7 +146,7 @@ def _worker_init(source: dict, limits: "Limits", threads: int, nice: int, parent
         os.nice(nice)
     torch.set_num_threads(max(1, threads))
     index = SearchIndex.load(source["path"], verify=False, nprobe=source.get("nprobe"))
-    _WORKER["service"] = SearchService(index, limits)
+    _WORKER["service"] = ExplainService(index, limits)
 
 
 def _worker_call(method: str, args: tuple):
@@ -276,7 +310,7 @@ def create_app(index: SearchIndex, token: Optional[str] = None, workers: int = 1
     _require()
     from contextlib import asynccontextmanager
 
-    service = SearchService(index, limits)
+    service = ExplainService(index, limits)
     if processes and index.source is None:
         raise ValueError("model worker processes reopen the index from its path: open it with SearchIndex.load")
     pool = ModelPool(service, workers, queue, model_nice, index_source=index.source if processes else None,
@@ -336,6 +370,14 @@ def create_app(index: SearchIndex, token: Optional[str] = None, workers: int = 1
     async def image(raw: str, k: Optional[str] = None, shortlist: Optional[str] = None):
         parse_index(raw, index.num_images, "gallery image")
         return JSONResponse(await pool.run("image", raw, k, shortlist))
+
+    @get("/api/explain")
+    async def explain(q: Optional[str] = None, image: Optional[str] = None):
+        service.check_query(q)  # cheap refusals never queue
+        if image is None or image == "":
+            raise ServiceError(400, "parameter image (the gallery image to explain) is missing")
+        parse_index(image, index.num_images, "gallery image")
+        return JSONResponse(await pool.run("explain", q, image))
 
     @app.post("/api/query-image")
     async def query_image(request: Request, k: Optional[str] = None, shortlist: Optional[str] = None):
