@@ -161,6 +161,22 @@ def test_eval_of_the_folder_equals_eval_of_the_checkpoint(exported, tmp_path, ca
     assert results["ckpt"] == results["folder"]
 
 
+def test_index_of_the_folder_answers_as_the_index_of_the_checkpoint(exported, tmp_path, capsys):
+    """`tvrn index OUT/` (a model folder where a checkpoint goes): the same hits and scores as the index of the
+    run's best.pt, and the index opens and searches on its own afterwards (what `tvrn serve` does)."""
+    from tvrn.search.index import SearchIndex
+
+    run, data, out, _ = exported
+    hits = {}
+    for name, src in (("ckpt", run / "best.pt"), ("folder", out)):
+        rc, _, err = run_cli(["index", src, "--data", data, "--split", "test", "--out", tmp_path / f"{name}.index",
+                              "--no-progress"], capsys)
+        assert rc == 0, err
+        index = SearchIndex.load(tmp_path / f"{name}.index")
+        hits[name] = [(h.index, round(h.score, 6)) for h in index.search_text("a red cat", k=4)]
+    assert hits["folder"] == hits["ckpt"] and len(hits["ckpt"]) == 4
+
+
 def test_similarity_is_score_all_on_the_same_encodings_and_rows_follow_the_images(exported):
     run, data, out, _ = exported
     split = load_split(data, "test")

@@ -266,6 +266,11 @@ def _folder_of(source) -> Path:
     return resolve_hub(source) if is_hub_name(source) else Path(source)
 
 
+def folder_config(source) -> dict:
+    """config.json of a model folder or `hf-hub:` name, checked (`read_config`)."""
+    return read_config(_folder_of(source))
+
+
 def load_folder(source, verify: bool = True, bert_path: Optional[str] = None):
     """A model folder or `hf-hub:` name -> (model in eval mode on the CPU, tokenizer, config.json dict).
 

@@ -48,8 +48,24 @@ def extract_record(checkpoint_path, data_root, adjacency_threshold: float) -> Op
     gallery = _manifest_extractor(data_root)
     if gallery is None:
         return None
+    train_root, model_data = model_extractor(checkpoint_path)
+    return {"gallery": gallery, "model_data": model_data, "model_data_root": train_root,
+            "adjacency_threshold": float(adjacency_threshold)}
+
+
+def model_extractor(checkpoint_path) -> tuple[Optional[str], Optional[dict]]:
+    """(the data folder the model was trained on, the `tvrn extract` record of its features) for a checkpoint
+    (its data folder's manifest) or a model folder / hub name (`tvrn export` recorded both in config.json);
+    either None when unknown."""
+    from ..export import is_model_source
+
+    if is_model_source(checkpoint_path):
+        from ..export import folder_config
+
+        features = folder_config(checkpoint_path).get("features") or {}
+        return features.get("data_root"), features.get("extract")
     train_root = _training_root(checkpoint_path)
-    return {"gallery": gallery, "model_data": _manifest_extractor(train_root), "model_data_root": train_root, "adjacency_threshold": float(adjacency_threshold)}
+    return train_root, _manifest_extractor(train_root)
 
 
 def _training_root(checkpoint_path) -> Optional[str]:

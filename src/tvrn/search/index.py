@@ -625,13 +625,12 @@ def check_model_recipe(checkpoint_path, data_root) -> None:
     Nothing is refused when either recipe is unknown (features not made by `tvrn extract`)."""
     from ..extract.features import recipe_difference, same_recipe
     from ..extract.folder import MANIFEST
-    from .image_query import _manifest_extractor, _training_root
+    from .image_query import _manifest_extractor, model_extractor
 
     gallery = _manifest_extractor(data_root)
     if gallery is None:
         return
-    train_root = _training_root(checkpoint_path)
-    model_data = _manifest_extractor(train_root)
+    train_root, model_data = model_extractor(checkpoint_path)
     if model_data is None or same_recipe(gallery, model_data):
         return
 
@@ -650,12 +649,18 @@ def _load_model(checkpoint_path, device):
     from ..pipeline import load_trained
     from ..train.checkpoint import load_checkpoint
 
-    model, tokenizer, _ = load_trained(checkpoint_path)
-    ckpt = load_checkpoint(checkpoint_path)
+    from ..export import is_model_source
+
+    model, tokenizer, cfg = load_trained(checkpoint_path)
+    if is_model_source(checkpoint_path):  # a model folder (tvrn export) or hub name: its weights as loaded
+        slim = {"config": {k: cfg.get(k) for k in ("model_name", "model")}, "model": dict(model.state_dict()),
+                "vocab": tokenizer.to_json_dict() if hasattr(tokenizer, "to_json_dict") else None}
+    else:
+        ckpt = load_checkpoint(checkpoint_path)
+        slim = {"config": {k: ckpt["config"].get(k) for k in ("model_name", "model")}, "model": ckpt["model"],
+                "vocab": ckpt.get("vocab")}
     if device is not None:
         model.to(device)
-    slim = {"config": {k: ckpt["config"].get(k) for k in ("model_name", "model")}, "model": ckpt["model"],
-            "vocab": ckpt.get("vocab")}
     return model.eval(), tokenizer, slim
 
 
