@@ -27,12 +27,10 @@ HF_HUB_CACHE (read when called) names the cache.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import socket
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -42,7 +40,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .fileio import atomic_write
+from .fileio import atomic_write, sha256_file, stale_temporaries, temporary_sibling
 from .train.checkpoint import CheckpointError
 
 FORMAT, VERSION = "tvrn-model", 1
@@ -61,14 +59,6 @@ class MissingExtraError(ImportError, ValueError):
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_text(path: Path, text: str) -> None:
     data = text.encode("utf-8")
     atomic_write(path, lambda f: f.write(data))
@@ -378,34 +368,10 @@ def _training_data(ckpt_cfg: dict, run: Optional[dict], data_root=None) -> Optio
 
 
 # ------------------------------------------------------------------------------------------------- writing
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname() or "host")[:64] or "host"
-
-
-def _temporary(out: Path) -> Path:
-    return out.parent / f".{out.name}.tmp.{os.getpid()}@{_HOST}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError, ValueError):
-        return True
-    return True
-
-
 def _remove_stale(out: Path) -> None:
     """Temporary folders of earlier exports of `out` on this host whose process is gone (a killed export)."""
-    pattern = re.compile(re.escape(f".{out.name}.tmp.") + r"([0-9]{1,9})@" + re.escape(_HOST))
-    try:
-        entries = list(out.parent.iterdir())
-    except OSError:
-        return
-    for p in entries:
-        m = pattern.fullmatch(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
+    for p in stale_temporaries(out):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:
@@ -539,7 +505,7 @@ def export_model(source, out: str | os.PathLike, data_root=None, command: Option
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
-    tmp = _temporary(out)
+    tmp = temporary_sibling(out)
     if tmp.exists() or tmp.is_symlink():
         shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -4,7 +4,10 @@ of torch files (what is wrong with a file that is empty, truncated, damaged or n
 before torch's own message and advice can reach a user)."""
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -31,6 +34,59 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], m
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6: a zip archive (torch.load tells them apart by this)
 _PICKLE_MAGIC = b"\x80"  # the legacy format: a pickle stream (PROTO opcode, protocol >= 2), torch's magic number first
 _HEAD = 64
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    """Streaming sha256 of a file (constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# folder outputs (an index, an exported model) are written in a temporary folder beside them, renamed into place
+HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname() or "host")[:64] or "host"
+
+
+def temporary_sibling(out: str | os.PathLike, pid: int | None = None) -> Path:
+    """The temporary folder a writer of `out` uses: .NAME.tmp.PID@HOST beside it (pid: this process's)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.tmp.{os.getpid() if pid is None else pid}@{HOST}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (a process of another user counts: not ours to judge)."""
+    if pid <= 0:
+        return True  # os.kill(0, ...) would mean the process group: never treated as gone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def stale_temporaries(out: str | os.PathLike) -> list[Path]:
+    """Temporary folders of earlier writers of `out` that are gone: .NAME.tmp.PID@HOST of this host whose process
+    no longer exists (a killed `tvrn index` or `tvrn export`), and .NAME.tmp of tvrn versions that had no pid in
+    the name (then one writer per output at a time). A live writer's folder, another host's, and other names are
+    kept."""
+    out = Path(out)
+    legacy = f".{out.name}.tmp"
+    named = re.compile(re.escape(legacy) + r"\.([0-9]{1,9})@([A-Za-z0-9_-]+)")
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return []
+    stale = []
+    for p in entries:
+        m = named.fullmatch(p.name)
+        if p.name == legacy or (m and m.group(2) == HOST and int(m.group(1)) != os.getpid()
+                                and not process_alive(int(m.group(1)))):
+            stale.append(p)
+    return sorted(stale)
 
 
 def _first_bytes(head: bytes) -> str:

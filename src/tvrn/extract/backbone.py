@@ -11,7 +11,6 @@ A backbone is `forward(x (B, 3, S, S) float in the model's input scale) -> (B, C
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -20,19 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..fileio import sha256_file  # noqa: F401  (also imported from here)
+
 BACKBONES = ("efficientnet-lite0",)
 
 
 class BackboneError(RuntimeError):
     """A backbone that cannot be built: its package or weights file is missing or does not fit."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_weights(name: str) -> str:

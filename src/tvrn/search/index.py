@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -44,7 +43,8 @@ from ..data import collate_texts, load_split
 from ..scoring import encode_texts, score_all
 from ..train.checkpoint import atomic_save
 from .shortlist import shortlist_embeddings
-from .store import FieldStore, FieldWriter, NpyRows, NpyRowWriter, StringRows, sha256_file, write_strings
+from ..fileio import sha256_file, stale_temporaries, temporary_sibling
+from .store import FieldStore, FieldWriter, NpyRows, NpyRowWriter, StringRows, write_strings
 
 FORMAT, VERSION = "tvrn-index", 1
 DIR_VERSION = 3  # the folder form (2: ids and captions loaded into RAM; 3: read from disk when asked)
@@ -757,47 +757,6 @@ def _ivf_lists(index) -> int:
         return 0
 
 
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname() or "host")[:64] or "host"
-
-
-def _temporary(out: Path, pid: int) -> Path:
-    """The temporary folder a build of `out` writes in: .NAME.tmp.PID@HOST beside it."""
-    return out.parent / f".{out.name}.tmp.{pid}@{_HOST}"
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists on this machine (a process of another user counts: not ours to judge)."""
-    if pid <= 0:
-        return True  # os.kill(0, ...) would mean the process group: never treated as gone
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError, ValueError):
-        return True
-    return True
-
-
-def stale_temporaries(out: str | os.PathLike) -> list[Path]:
-    """Temporary folders of earlier builds of `out` whose writer is gone: .NAME.tmp.PID@HOST of this host whose
-    process no longer exists (a killed `tvrn index`), and .NAME.tmp of tvrn versions that had no pid in the name
-    (then one build per output at a time). A live build's folder, another host's, and other names are kept."""
-    out = Path(out)
-    legacy = f".{out.name}.tmp"
-    named = re.compile(re.escape(legacy) + r"\.([0-9]{1,9})@([A-Za-z0-9_-]+)")
-    try:
-        entries = list(out.parent.iterdir())
-    except OSError:
-        return []
-    stale = []
-    for p in entries:
-        m = named.fullmatch(p.name)
-        if p.name == legacy or (m and m.group(2) == _HOST and int(m.group(1)) != os.getpid()
-                                and not _alive(int(m.group(1)))):
-            stale.append(p)
-    return sorted(stale)
-
-
 def _remove(p: Path) -> None:
     try:
         if p.is_dir() and not p.is_symlink():
@@ -818,7 +777,7 @@ class _IndexWriter:
         self.removed = stale_temporaries(self.out)
         for p in self.removed:
             _remove(p)
-        self.tmp = _temporary(self.out, os.getpid())
+        self.tmp = temporary_sibling(self.out)
         if self.tmp.exists() or self.tmp.is_symlink():  # this process's own, from a build that could not clean up
             _remove(self.tmp)
         self.tmp.mkdir(parents=True)

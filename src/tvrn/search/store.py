@@ -18,7 +18,6 @@ the index is opened, so a corrupted file is refused by name.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -26,18 +25,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..fileio import sha256_file  # noqa: F401  (also imported from here)
+
 STORAGE = ("float32", "float16", "bfloat16")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
-    """Streaming sha256 of a file (constant memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 def _npy_header(path: Path) -> tuple[tuple, np.dtype, int]:
