@@ -43,10 +43,10 @@ DEMO_ENTRIES = (  # the first entry's run is indexed for `tvrn serve`
 TABLE_NOTE = (
     "Six epochs of each model, train.seed 0, best dev checkpoint. Identical to the digit for the same thread count\n"
     "and CPU kernels (run.json: env.threads, env.cpu_capability). Measured with 1 and 2 threads and with AVX2\n"
-    "instead of AVX-512 kernels: VSE's row did not move, SGRAF's moved by at most 2.4 RSUM (twin accuracy 1.2);\n"
-    "TVRN's row is NOT stable yet: its start-up takes one to three epochs depending on float rounding, so after six\n"
-    "epochs its test RSUM was 449 to 490. Which model is better, and whether TVRN's modules bind attributes (twin\n"
-    "accuracy): README, 'Module study' (ten epochs, three seeds).")
+    "instead of AVX-512 kernels: VSE's row did not move, SGRAF's moved by at most 2.4 RSUM (twin accuracy 1.2),\n"
+    "TVRN's by up to 12 RSUM (462-474; twin accuracy 51.6-55.4): TVRN is past its start-up, but its row is not\n"
+    "yet within +-3. Which model is better, and whether TVRN's modules bind attributes (twin accuracy): README,\n"
+    "'Module study' (ten epochs, three seeds).")
 
 
 def twin_accuracy(scores: torch.Tensor, caption_to_image: torch.Tensor, twin_of: np.ndarray) -> Optional[float]:
