@@ -410,7 +410,7 @@ def _chromium():
     return None
 
 
-def rendered(url: str) -> str:
+def _browser(url: str, *how: str, window=(1000, 1000)):
     exe = _chromium()
     if exe is None:
         message = "headless Chromium is not installed: apt-get install -y chromium (.ci/run installs it)"
@@ -418,10 +418,15 @@ def rendered(url: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--user-data-dir=" + str(__import__("tempfile").mkdtemp()), "--virtual-time-budget=15000",
-           "--dump-dom", url]
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+           f"--window-size={window[0]},{window[1]}", "--force-device-scale-factor=1",
+           "--user-data-dir=" + str(__import__("tempfile").mkdtemp()), "--virtual-time-budget=15000", *how, url]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+
+
+def rendered(url: str) -> str:
+    """The page's DOM after its scripts ran."""
+    return _browser(url, "--dump-dom")
 
 
 def test_browser_renders_results_and_the_image_view(server):
@@ -467,20 +472,6 @@ def test_explain_api(server):
         got, headers, body = request(base, path)
         assert got == code and headers["content-type"] == "application/json", path
         assert words in json.loads(body)["error"], path
-
-
-def _browser(url: str, *how: str, window=(1000, 1000)):
-    exe = _chromium()
-    if exe is None:
-        message = "headless Chromium is not installed: apt-get install -y chromium (.ci/run installs it)"
-        if os.environ.get("TVRN_REQUIRE_BROWSER"):
-            pytest.fail(message)
-        pytest.skip(message)
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-           f"--window-size={window[0]},{window[1]}", "--force-device-scale-factor=1",
-           "--user-data-dir=" + str(__import__("tempfile").mkdtemp()), "--virtual-time-budget=15000", *how, url]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
 
 
 def _pixels_of(png, rect, colour, tol=12):

@@ -248,6 +248,7 @@ def convert_checkpoint(source: str, ckpt: dict, path: str = "<checkpoint>", voca
     from dataclasses import asdict
 
     from .models import create_model
+    from .models.base import state_dict_problems
 
     if source not in SOURCES:
         raise ConvertError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
@@ -282,19 +283,8 @@ def convert_checkpoint(source: str, ckpt: dict, path: str = "<checkpoint>", voca
     leftovers = m.leftovers()
     model = create_model(name, **cfg)
     want = model.state_dict()
-    missing = sorted(set(want) - set(m.out))
-    extra = sorted(set(m.out) - set(want))
-    shapes = [f"{k}: checkpoint {tuple(m.out[k].shape)}, model {tuple(want[k].shape)}" for k in want
-              if k in m.out and tuple(m.out[k].shape) != tuple(want[k].shape)]
-    problems = []
-    if leftovers:
-        problems.append(f"tensors of the checkpoint nothing uses: {', '.join(leftovers)}")
-    if missing:
-        problems.append(f"tensors the {name} model needs that the checkpoint lacks: {', '.join(missing)}")
-    if extra:
-        problems.append(f"mapped tensors the model does not have: {', '.join(extra)}")
-    if shapes:
-        problems.append("shapes that differ: " + "; ".join(shapes))
+    problems = [f"tensors of the checkpoint nothing uses: {', '.join(leftovers)}"] if leftovers else []
+    problems += state_dict_problems(m.out, want, source="checkpoint", limit=None)  # the mapped tensors
     if problems:
         raise ConvertError(f"{path}: cannot convert as {source} ({name}): " + " | ".join(problems))
     # floating tensors keep the checkpoint's precision (a float64 source stays float64: a model built in float64

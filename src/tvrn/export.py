@@ -221,25 +221,6 @@ def _read_vocab(folder: Path, cfg: dict):
     return vocab
 
 
-def _state_problems(state: dict, want: dict, limit: int = 6) -> list[str]:
-    def names(keys):
-        keys = sorted(keys)
-        return ", ".join(keys[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-    missing, extra = set(want) - set(state), set(state) - set(want)
-    shapes = [f"{k}: file {tuple(state[k].shape)}, model {tuple(want[k].shape)}" for k in sorted(want)
-              if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
-    out = []
-    if missing:
-        out.append(f"tensors the model needs that the file lacks: {names(missing)}")
-    if extra:
-        out.append(f"tensors the model does not have: {names(extra)}")
-    if shapes:
-        out.append("shapes that differ: " + "; ".join(shapes[:limit]) +
-                   (f" (and {len(shapes) - limit} more)" if len(shapes) > limit else ""))
-    return out
-
-
 def _build_model(folder: Path, cfg: dict, bert_path: Optional[str] = None) -> nn.Module:
     from .models import create_model
 
@@ -276,7 +257,9 @@ def load_folder(source, verify: bool = True, bert_path: Optional[str] = None):
     state = read_weights(folder)
     vocab = _read_vocab(folder, cfg)
     model = _build_model(folder, cfg, bert_path)
-    problems = _state_problems(state, model.state_dict())
+    from .models.base import state_dict_problems
+
+    problems = state_dict_problems(state, model.state_dict())
     if problems:
         raise ModelFolderError(f"{folder}: {WEIGHTS} does not match the {cfg['model_name']} model {CONFIG} "
                                f"describes: " + " | ".join(problems))

@@ -85,6 +85,28 @@ class EncodedImages(_Encoded):
     ctx_gram: Optional[torch.Tensor] = None
 
 
+def state_dict_problems(state: dict, want: dict, source: str = "file", limit: Optional[int] = 6) -> list[str]:
+    """What keeps `state` (tensors read from `source`: a file, a checkpoint) from loading into a model whose
+    state dict is `want`: tensors it lacks, tensors the model does not have, shapes that differ; [] when it fits.
+    At most `limit` names per kind (None: all)."""
+    def listed(items):
+        items = sorted(items)
+        if limit is None or len(items) <= limit:
+            return items
+        return items[:limit] + [f"(and {len(items) - limit} more)"]
+
+    shapes = [f"{k}: {source} {tuple(state[k].shape)}, model {tuple(want[k].shape)}" for k in want
+              if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    out = []
+    if set(want) - set(state):
+        out.append(f"tensors the model needs that the {source} lacks: " + ", ".join(listed(set(want) - set(state))))
+    if set(state) - set(want):
+        out.append("tensors the model does not have: " + ", ".join(listed(set(state) - set(want))))
+    if shapes:
+        out.append("shapes that differ: " + "; ".join(listed(shapes)))
+    return out
+
+
 def gram(x: torch.Tensor) -> torch.Tensor:
     """(N, R, D) -> (N, R, R) x x^T per item."""
     return x @ x.transpose(1, 2)
