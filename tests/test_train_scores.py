@@ -17,14 +17,17 @@ def _double(images, texts):
     return replace(images, features=images.features.double()), texts
 
 
-def _step(model, images, texts, blocked, weights=None, loss_mode=None, budget=0.02, seed=5):
+def _step(model, images, texts, blocked, weights=None, loss_mode=None, budget=0.02, seed=5, dense=False):
     """One forward + backward -> (scores, {param: grad}, (grad of the image / caption encodings))."""
     model.zero_grad()
     torch.manual_seed(seed)  # the same dropout masks in both paths
     ei, et = model.encode_image(images), model.encode_text(texts)
     for t in (ei.units if ei.units is not None else ei.regions, et.words):
         t.retain_grad()
-    S = score_all_train(model, ei, et, memory_budget_mb=budget) if blocked else model.score(ei, et)
+    if blocked:
+        S = score_all_train(model, ei, model.anchor_texts(ei, et), memory_budget_mb=budget, dense_gradient=dense)
+    else:
+        S = model.score(ei, et)
     if loss_mode is not None:
         loss = ContrastiveLoss(0.2, loss_mode)(S, torch.arange(len(images)) % 3)  # repeated images: positives
     else:
@@ -140,15 +143,39 @@ def test_no_pair_with_a_gradient_still_gives_pair_parameters_a_zero_gradient():
         assert p.grad is not None and not p.grad.abs().sum() > 0, k
 
 
-def test_dense_gradient_takes_the_plain_path_only_when_it_fits(monkeypatch):
-    """With a dense gradient, the plain path (one call per caption length, cut to it) when all pairs' saved
-    activations fit the budget; recomputation otherwise (here in grid blocks: every pair has a gradient)."""
-    from tvrn.scoring import _plain_bytes
+def test_dense_gradient_keeps_the_grid_graph_only_when_it_fits(monkeypatch):
+    """With a dense gradient, score_grid once per caption length (cut to it) with its graph kept when what it saves
+    for all pairs fits the budget; recomputation otherwise (here in grid blocks: every pair has a gradient).
+    The plain path would need more."""
+    from tvrn.scoring import _kept_bytes
 
     model = build("sgraf_sgr").train()
     images, texts = make_images(4), make_texts(model, 4, lengths=(7, 5, 3, 5))
     ei, et = model.encode_image(images), model.encode_text(texts)
-    need = _plain_bytes(model, ei, et)
+    need = _kept_bytes(model, ei, et, grid=True)
+    assert need < _kept_bytes(model, ei, et, grid=False)
+    pairs, grids = _Spy(model, monkeypatch), _Spy(model, monkeypatch, "score_grid", "train_grid_bytes")
+    fits = score_all_train(model, ei, et, memory_budget_mb=1.01 * need / 2**20, dense_gradient=True)
+    assert fits.grad_fn.name() != "_TrainScoresBackward"
+    assert sorted((a, n, b) for a, n, _, b in grids.calls) == [(4, 3, 1), (4, 5, 2), (4, 7, 1)]  # no padded word
+    fits.sum().backward(retain_graph=True)
+    assert pairs.calls == [] and len(grids.calls) == 3  # plain autograd, nothing recomputed
+    grids.calls.clear()
+    ei, et = model.encode_image(images), model.encode_text(texts)
+    tight = score_all_train(model, ei, et, memory_budget_mb=0.99 * need / 2**20, dense_gradient=True)
+    assert tight.grad_fn.name() == "_TrainScoresBackward" and grids.calls == []
+    tight.sum().backward()
+    assert pairs.calls == [] and LAST_TRAIN_BACKWARD["grid_pairs"] == 16  # every length dense: grid blocks
+
+
+def test_dense_gradient_takes_the_plain_path_when_it_fits_for_models_without_a_grid(monkeypatch):
+    from tvrn.scoring import _kept_bytes
+
+    model = build("scan_t2i").train()
+    images, texts = make_images(4), make_texts(model, 4, lengths=(7, 5, 3, 5))
+    ei, et = model.encode_image(images), model.encode_text(texts)
+    assert _kept_bytes(model, ei, et, grid=True) is None
+    need = _kept_bytes(model, ei, et, grid=False)
     assert need < 16 * train_pair_bytes(model, ei, et)  # shorter captions are counted at their length
     calls = []
     inner = model.score
@@ -157,13 +184,30 @@ def test_dense_gradient_takes_the_plain_path_only_when_it_fits(monkeypatch):
     fits = score_all_train(model, ei, et, memory_budget_mb=1.01 * need / 2**20, dense_gradient=True)
     assert fits.grad_fn.name() != "_TrainScoresBackward"
     assert sorted(shape[1] for shape in calls) == [3, 5, 7]  # one call per length, no padded word
-    fits.sum().backward(retain_graph=True)
-    assert spy.calls == []  # plain autograd, nothing recomputed
+    fits.sum().backward()
+    assert spy.calls == []
     ei, et = model.encode_image(images), model.encode_text(texts)
     tight = score_all_train(model, ei, et, memory_budget_mb=0.99 * need / 2**20, dense_gradient=True)
     assert tight.grad_fn.name() == "_TrainScoresBackward"
     tight.sum().backward()
-    assert spy.calls == [] and LAST_TRAIN_BACKWARD["grid_pairs"] == 16  # every length dense: grid blocks
+    assert sum(p for p, _, _, _ in spy.calls) == 16  # recomputed pair by pair
+
+
+def test_grid_bytes_are_affine_in_the_block_and_blocks_fit_the_budget():
+    """train_grid_bytes(ni, nt) = d + a ni + b nt + c ni nt predicts what a 3 x 4 grid saves (measured) within
+    rounding of the measurement, and grid_blocks returns the largest block within a budget."""
+    from tvrn.scoring import _measure_saved_bytes, grid_blocks
+
+    model = build("tvrn_sgr").train()
+    images, texts = make_images(3), make_texts(model, 4, lengths=(5,))
+    ei, et = model.encode_image(images), model.encode_text(texts)
+    measured = _measure_saved_bytes(lambda i, t: model.score_grid(i, t), model, ei, et)
+    assert abs(train_grid_bytes(model, ei, et, 3, 4) - measured) <= 0.02 * measured
+    assert train_grid_bytes(model, ei, et, 3, 4) < 12 * train_grid_bytes(model, ei, et)  # shared image side
+    budget = train_grid_bytes(model, ei, et, 2, 3) + 1
+    bi, bt = grid_blocks(model, ei, et, 10, 3, budget)
+    assert (bi, bt) == (2, 3)
+    assert grid_blocks(model, ei, et, 10, 3, 1.0) == (1, 1)
 
 
 def test_score_by_length_equals_one_padded_call():
@@ -294,6 +338,28 @@ def test_dense_lengths_are_recomputed_in_grid_blocks_and_sparse_ones_pair_by_pai
     assert {n for _, n, _, _ in grids.calls} == {5} and sum(a * b for a, _, _, b in grids.calls) == 18
     assert all(a * b <= 4 for a, _, _, b in grids.calls) and len(grids.calls) >= 5
     assert LAST_TRAIN_BACKWARD["grid_pairs"] == 18 and LAST_TRAIN_BACKWARD["pairs"] == 20
+    _assert_grads_close(g0, g1, 1e-9)
+    for a, b in zip(e0, e1):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("refine", ["pair", "first_image"])
+@pytest.mark.parametrize("name", GRID_MODELS)
+def test_kept_grid_graph_gives_the_plain_paths_gradients(name, refine):
+    """A dense gradient with a budget that holds every pair: score_grid's graph is kept (nothing recomputed) and
+    scores and gradients equal model.score's plain path (float64, dropout, mixed lengths): 1e-10 / 1e-9 relative."""
+    model = build(name, dropout=0.3).double().train()
+    if refine == "first_image":
+        if not model.config.refine_text:
+            pytest.skip("no module 2")
+        model.config.refine_against = "first_image"
+    images, texts = _double(make_images(5), make_texts(model, 6, lengths=(7, 5, 3, 5, 2, 7)))
+    w = torch.randn(5, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    S0, g0, e0 = _step(model, images, texts, False, w)
+    LAST_TRAIN_BACKWARD.clear()
+    S1, g1, e1 = _step(model, images, texts, True, w, budget=1000.0, dense=True)
+    assert LAST_TRAIN_BACKWARD == {}  # no recomputation ran
+    torch.testing.assert_close(S1, S0, atol=1e-10, rtol=0)
     _assert_grads_close(g0, g1, 1e-9)
     for a, b in zip(e0, e1):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-8)

@@ -499,16 +499,44 @@ LAST_TRAIN_BACKWARD: dict[str, float] = {}
 GRID_DENSITY = 0.25
 
 
-def train_grid_bytes(model: nn.Module, enc_images: Any, enc_texts: Any) -> int:
-    """Bytes per pair that `model.score_grid` keeps for backward, measured on a 2 x 2 grid of enc_images[:2] and
-    enc_texts[:2] (captions cut to the length to plan for): its inputs and every tensor autograd saves (parameters
-    excluded) over 4, doubled for the backward's own temporaries. Cached per model and field shapes."""
+def train_grid_bytes(model: nn.Module, enc_images: Any, enc_texts: Any, ni: int = 1, nt: int = 1) -> int:
+    """Bytes that `model.score_grid` keeps for backward on a block of ni images x nt captions of enc_texts' length
+    (captions cut to it): d + a ni + b nt + c ni nt, with the fixed (d), per-image (a), per-caption (b) and
+    per-pair (c) parts solved from the bytes measured on 2 x 2, 3 x 2, 2 x 3 and 3 x 3 grids of enc_images[:3] and
+    enc_texts[:3] (inputs and every tensor autograd saves, parameters excluded, doubled for the backward's own
+    temporaries). Per pair (c) it is about a third of what a 2 x 2 grid keeps per pair at paper shapes: the image
+    side is shared by every caption of a block. Cached per model and field shapes."""
+    d, a, b, c = _grid_cost(model, enc_images, enc_texts)
+    return d + a * ni + b * nt + c * ni * nt
+
+
+def _grid_cost(model: nn.Module, enc_images: Any, enc_texts: Any) -> tuple[int, int, int, int]:
     cache = _PAIR_BYTES.setdefault(model, {})
     key = ("grid", _layout_key(enc_images), _layout_key(enc_texts))
     if key not in cache:
-        cache[key] = _measure_saved_bytes(lambda i, t: model.score_grid(i, t), model, enc_images[:2],
-                                          enc_texts[:2]) // (min(2, len(enc_images)) * min(2, len(enc_texts)))
+        def saved(i: int, t: int) -> int:
+            return _measure_saved_bytes(lambda x, y: model.score_grid(x, y), model, enc_images[:i], enc_texts[:t])
+
+        if len(enc_images) < 2 or len(enc_texts) < 2:  # one side of one: everything counted per pair
+            ki, kt = min(2, len(enc_images)), min(2, len(enc_texts))
+            cache[key] = (0, 0, 0, -(-saved(ki, kt) // (ki * kt)))
+        else:  # blocks of 2-3 (1-2 when fewer): a side of one can make views where larger blocks copy
+            i0, t0 = (2 if len(enc_images) > 2 else 1), (2 if len(enc_texts) > 2 else 1)
+            f00, f10, f01, f11 = saved(i0, t0), saved(i0 + 1, t0), saved(i0, t0 + 1), saved(i0 + 1, t0 + 1)
+            c = max(1, f11 - f10 - f01 + f00)
+            a, b = max(0, f10 - f00 - c * t0), max(0, f01 - f00 - c * i0)
+            cache[key] = (max(0, f00 - a * i0 - b * t0 - c * i0 * t0), a, b, c)
     return cache[key]
+
+
+def grid_blocks(model: nn.Module, enc_images: Any, enc_texts: Any, ni: int, nt: int,
+                budget_bytes: float) -> tuple[int, int]:
+    """(bi, bt): the largest block of images x captions (bt captions first, up to nt; then bi images, up to ni)
+    whose `train_grid_bytes` fits budget_bytes; at least 1 x 1."""
+    d, a, b, c = _grid_cost(model, enc_images, enc_texts)
+    bt = int(min(nt, max(1, (budget_bytes - d - a) // (b + c))))
+    bi = int(min(ni, max(1, (budget_bytes - d - b * bt) // (a + c * bt))))
+    return bi, bt
 
 
 class _TrainScores(torch.autograd.Function):
@@ -587,9 +615,7 @@ class _TrainScores(torch.autograd.Function):
                     continue
                 txt_src = enc_t.trim(n)
                 with autocast:
-                    per_block = max(1, int(budget // max(1, train_grid_bytes(model, enc_i, txt_src[cols[:2]]))))
-                bt = min(len(cols), per_block)
-                bi = max(1, per_block // bt)
+                    bi, bt = grid_blocks(model, enc_i, txt_src[cols[:3]], ni, len(cols), budget)
                 for c0 in range(0, len(cols), bt):
                     cj = cols[c0:c0 + bt]
                     for i0 in range(0, ni, bi):
@@ -627,30 +653,40 @@ class _TrainScores(torch.autograd.Function):
         return (None, *out_i, *out_t, *acc_p)
 
 
-def _plain_bytes(model: nn.Module, enc_images: Any, enc_texts: Any) -> int:
-    """What `score_by_length` keeps for backward: Ni x sum over captions of train_pair_bytes at their length."""
+def _kept_bytes(model: nn.Module, enc_images: Any, enc_texts: Any, grid: bool) -> Optional[int]:
+    """What `score_by_length` keeps for backward: per caption length n_g, train_grid_bytes of the (Ni, n_g) block
+    (grid) or Ni x n_g x train_pair_bytes (the plain path); None for the grid when the model has no score_grid or
+    keeps padded words."""
     lengths = trim_lengths(model, enc_texts)
+    if grid and (lengths is None or not callable(getattr(model, "score_grid", None))):
+        return None
+    ni = len(enc_images)
     if lengths is None:
-        return len(enc_images) * len(enc_texts) * train_pair_bytes(model, enc_images, enc_texts)
+        return ni * len(enc_texts) * train_pair_bytes(model, enc_images, enc_texts)
     total = 0
     for n, count in zip(*torch.unique(lengths, return_counts=True)):
-        first = int(torch.nonzero(lengths == n)[0])
-        total += int(count) * train_pair_bytes(model, enc_images, enc_texts[first].trim(int(n)))
-    return len(enc_images) * total
+        first = torch.nonzero(lengths == n).reshape(-1)[:3]  # a length's first captions, cut to it
+        group = enc_texts[first.to(enc_texts.mask.device)].trim(int(n))
+        total += (train_grid_bytes(model, enc_images, group, ni, int(count)) if grid
+                  else ni * int(count) * train_pair_bytes(model, enc_images, group[:1]))
+    return total
 
 
-def score_by_length(model: nn.Module, enc_images: Any, enc_texts: Any) -> torch.Tensor:
+def score_by_length(model: nn.Module, enc_images: Any, enc_texts: Any, grid: bool = False) -> torch.Tensor:
     """model.score (Ni, Nt) with gradients, one call per caption length, captions cut to it (no padded words):
-    the plain path for dense gradients. Models that keep padding (or odd masks) get one call."""
+    the plain path for dense gradients; grid=True: model.score_grid per length (the fast path's formulation,
+    differentiable; about a fifth of the plain path's work and memory per pair for TVRN). Models that keep
+    padding (or odd masks) get one model.score call."""
     lengths = trim_lengths(model, enc_texts)
     if lengths is None:
         return model.score(enc_images, enc_texts)
+    score = model.score_grid if grid else model.score
     lengths = lengths.to(enc_texts.mask.device)
     order = torch.sort(lengths, stable=True).indices  # (Nt,) captions by length
     cols, start = [], 0
     for n, count in zip(*torch.unique_consecutive(lengths[order], return_counts=True)):
         idx = order[start:start + int(count)]
-        cols.append(model.score(enc_images, enc_texts[idx].trim(int(n))))  # (Ni, n_g)
+        cols.append(score(enc_images, enc_texts[idx].trim(int(n))))  # (Ni, n_g)
         start += int(count)
     return torch.cat(cols, 1).index_select(1, torch.argsort(order))  # (Ni, Nt) in gallery order
 
@@ -666,12 +702,17 @@ def score_all_train(model: nn.Module, enc_images: Any, enc_texts: Any, memory_bu
     rounding, and so do the gradients. Peak working memory: the budget, the encodings and their gradients,
     and the (Ni, Nt) matrix, whatever Ni and Nt.
 
-    dense_gradient: the caller expects most pairs to get a gradient (sum / smooth losses early in training);
-    then, if the plain path's activations of all Ni x Nt pairs fit the budget, it is used instead: it stores
-    what the recomputation would redo.
+    dense_gradient: the caller expects most pairs to get a gradient (sum / smooth / published losses early in
+    training); then, if what autograd saves for all Ni x Nt pairs fits the budget, the pairs are scored once with
+    their graph kept (`score_by_length`), which stores what the recomputation would redo: through
+    `model.score_grid` when the model has one (TVRN, SGRAF), else through the plain path.
     """
-    if dense_gradient and _plain_bytes(model, enc_images, enc_texts) <= memory_budget_mb * 2**20:
-        return score_by_length(model, enc_images, enc_texts)
+    if dense_gradient:
+        budget = memory_budget_mb * 2**20
+        for grid in (True, False):
+            need = _kept_bytes(model, enc_images, enc_texts, grid)
+            if need is not None and need <= budget:
+                return score_by_length(model, enc_images, enc_texts, grid=grid)
     params = [p for p in model.parameters() if p.requires_grad]
     spec = _TrainSpec(model, enc_images, enc_texts, memory_budget_mb, len(params))
     return _TrainScores.apply(spec, *spec.flatten(enc_images, enc_texts), *params)
