@@ -498,6 +498,16 @@ LAST_TRAIN_BACKWARD: dict[str, float] = {}
 # formulation's forward and backward cost about a fifth of score_pairs' on gathered pairs (TVRN at paper shapes)
 GRID_DENSITY = 0.25
 
+# on the CPU, the training forward's blocks and the recomputation's chunks are at most this many MB however large
+# the budget: score_grid's forward + backward runs at 1,100-1,250 pairs/s for blocks of 64-1,024 pairs and
+# 750-940 for 2,048-4,096 (TVRN as published, paper shapes, 2 threads: caches); a larger budget still lets a
+# dense batch keep its whole graph (score_all_train)
+CPU_BLOCK_MB = 512.0
+
+
+def _block_mb(budget_mb: float, device: torch.device) -> float:
+    return min(budget_mb, CPU_BLOCK_MB) if device.type == "cpu" else budget_mb
+
 
 def train_grid_bytes(model: nn.Module, enc_images: Any, enc_texts: Any, ni: int = 1, nt: int = 1) -> int:
     """Bytes that `model.score_grid` keeps for backward on a block of ni images x nt captions of enc_texts' length
@@ -562,7 +572,7 @@ class _TrainScores(torch.autograd.Function):
         ctx.save_for_backward(*tensors)
         dtype = _float_dtype(tensors)
         return score_all(spec.model, spec.model.inference_encodings(enc_i), enc_t,
-                         memory_budget_mb=spec.budget_mb, device=device, out_device=device,
+                         memory_budget_mb=_block_mb(spec.budget_mb, device), device=device, out_device=device,
                          out_dtype=dtype)
 
     @staticmethod
@@ -606,7 +616,7 @@ class _TrainScores(torch.autograd.Function):
         G = G.detach()
         nonzero = G != 0  # (Ni, Nt)
         lengths = trim_lengths(model, enc_t)  # (Nt,) CPU, or None: captions are not cut
-        ni, budget, chunks, grid_pairs = len(enc_i), spec.budget_mb * 2**20, 0, 0
+        ni, budget, chunks, grid_pairs = len(enc_i), _block_mb(spec.budget_mb, G.device) * 2**20, 0, 0
         if lengths is not None and callable(getattr(model, "score_grid", None)):
             lengths_dev = lengths.to(G.device)
             for n in torch.unique(lengths).tolist():  # dense lengths: whole (images x captions) blocks
