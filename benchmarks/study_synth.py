@@ -154,10 +154,7 @@ def one_run(a, suite: str, name: str, seed: int) -> dict:
     scores = score_split(model, test, tokenizer, cfg["data"])
     ranks = t2i_ranks(scores, c2i)
     twins = twin_pairs(root, "test")
-    from tvrn.grounding import pointing_game  # grounding: object words whose top region is their object's
-
-    grounding = pointing_game(model, tokenizer, root, "test",
-                              adjacency_threshold=cfg["data"].get("adjacency_threshold", 0.2))
+    grounding = run_pointing(model, tokenizer, root, cfg["data"])
     return {
         "suite": suite, "config": name, "seed": seed, "overrides": overrides, "data": str(root),
         "command": " ".join(["python", *sys.argv]), "threads": a.threads, "seconds": seconds,
@@ -172,6 +169,60 @@ def one_run(a, suite: str, name: str, seed: int) -> dict:
         # rows written before it have no "pointing_game"; None for models without word-to-region attention (VSE)
         "pointing_game": grounding,
     }
+
+
+def run_pointing(model, tokenizer, root: Path, data: dict) -> dict:
+    """The pointing game of a trained model on the test split (`tvrn.grounding.pointing_game`)."""
+    from tvrn.grounding import pointing_game  # grounding: object words whose top region is their object's
+
+    return pointing_game(model, tokenizer, root, "test", adjacency_threshold=data.get("adjacency_threshold", 0.2))
+
+
+def rewrite_rows(out: Path, rows: list[dict]) -> None:
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out)
+
+
+def add_pointing(a) -> None:
+    """Rows without a pointing game whose best-dev checkpoint is still in --runs gain `pointing_game`, computed
+    as `one_run` computes it for new runs. Rewrites --out in place."""
+    from tvrn.pipeline import load_trained, resolve_config
+
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    for r in rows:
+        ckpt = Path(a.runs) / r["suite"] / f"{slug(r['config'])}_s{r['seed']}" / "best.pt"
+        if "pointing_game" in r or not ckpt.exists():
+            continue
+        model, tokenizer, _ = load_trained(ckpt)
+        root = Path(r["data"])
+        r["pointing_game"] = run_pointing(model, tokenizer, root,
+                                          resolve_config("demo_synth", [f"data.root={root}"])["data"])
+        acc = (r["pointing_game"] or {}).get("accuracy")
+        print(f"{r['config']} seed {r['seed']}: pointing game {acc}", file=sys.stderr)
+    rewrite_rows(out, rows)
+
+
+def adopt_pointing(a, path: Path) -> None:
+    """Rows of a rerun (PATH, same command) whose test metrics equal the row of --out for the same suite, config
+    and seed to the digit lend it their pointing game: the rerun trained the same weights again (bit-identical
+    per thread count and CPU kernels). Rows that differ are reported and left as they are."""
+    out = Path(a.out)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    reruns = {(r["suite"], r["config"], r["seed"]): r for r in map(json.loads, path.read_text().splitlines())}
+    for r in rows:
+        new = reruns.get((r["suite"], r["config"], r["seed"]))
+        if new is None or "pointing_game" in r:
+            continue
+        same = new["test"] == r["test"] and new["twin_acc"] == r["twin_acc"]
+        print(f"{r['config']} seed {r['seed']}: rerun {'identical' if same else 'DIFFERENT'} "
+              f"(RSUM {r['test']['rsum']:.2f} -> {new['test']['rsum']:.2f})", file=sys.stderr)
+        if same:
+            r["pointing_game"] = new["pointing_game"]
+            r["pointing_game_from"] = "rerun, identical test metrics"
+    rewrite_rows(out, rows)
 
 
 def rescore_per_pair(a) -> None:
@@ -200,9 +251,7 @@ def rescore_per_pair(a) -> None:
         r["twin_acc_per_pair"] = {k: twin_accuracy(scores, c2i, t) for k, t in twin_pairs(root, "test").items()}
         print(f"{r['config']} seed {r['seed']}: RSUM {r['test']['rsum']:.1f} (first image) -> "
               f"{r['test_per_pair']['rsum']:.1f} per pair", file=sys.stderr)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out)
+    rewrite_rows(out, rows)
 
 
 def done_runs(path: Path) -> set:
@@ -267,19 +316,32 @@ def mean_sd(xs) -> str:
 PER_PAIR = ", evaluated per pair"  # rows of first-image runs re-scored with per-pair refinement
 
 
+def pointing(group: list[dict]) -> str:
+    """Pointing-game accuracy mean +- sd over the rows that have it, with their count when not all do; "n/a"
+    for models without word-to-region attention (VSE)."""
+    have = [r for r in group if "pointing_game" in r]
+    if not have:
+        return ""
+    if all(r["pointing_game"] is None for r in have):
+        return "n/a"
+    text = mean_sd(r["pointing_game"]["accuracy"] for r in have if r["pointing_game"] is not None)
+    return text if len(have) == len(group) else f"{text} [{len(have)}]"
+
+
 def summary_tables(rows: list[dict]) -> str:
     out = []
     for suite in SUITES:
         rs = [r for r in rows if r["suite"] == suite]
-        rs += [dict(r, config=r["config"] + PER_PAIR, test=r["test_per_pair"], twin_acc=r["twin_acc_per_pair"],
-                    t2i_by_group=None) for r in rs if "test_per_pair" in r]
+        rs += [dict({k: v for k, v in r.items() if k != "pointing_game"}, config=r["config"] + PER_PAIR,
+                    test=r["test_per_pair"], twin_acc=r["twin_acc_per_pair"], t2i_by_group=None)
+               for r in rs if "test_per_pair" in r]
         if not rs:
             continue
         names = [n for name in SUITES[suite] for n in (name, name + PER_PAIR)]
         out += [f"\n{suite} (mean ± sd over seeds; seeds per row in brackets)\n",
                 "| configuration | test RSUM | twin acc % | colour-swap twins % | relation-flip twins % | "
-                "t2i R@1 binding | t2i R@1 relation | t2i R@1 categories only | best epoch |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "t2i R@1 binding | t2i R@1 relation | t2i R@1 categories only | best epoch | pointing game % |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for name in names:
             g = [r for r in rs if r["config"] == name]
             if not g:
@@ -289,7 +351,7 @@ def summary_tables(rows: list[dict]) -> str:
                        f"{mean_sd(r['twin_acc']['relation_flip'] for r in g)} | "
                        + " | ".join(mean_sd(r["t2i_by_group"][k]["t2i/R@1"] if r["t2i_by_group"] else None
                                             for r in g) for k in GROUPS)
-                       + f" | {mean_sd(r['best_epoch'] + 1 for r in g)} |")
+                       + f" | {mean_sd(r['best_epoch'] + 1 for r in g)} | {pointing(g)} |")
     return "\n".join(out)
 
 
@@ -339,6 +401,10 @@ def main():
     ap.add_argument("--summary", action="store_true", help="print the tables and write the plot from --out")
     ap.add_argument("--rescore-per-pair", action="store_true",
                     help="add the per-pair evaluation to the rows of first-image-refinement runs (after they ran)")
+    ap.add_argument("--add-pointing", action="store_true",
+                    help="add the pointing game to rows whose best-dev checkpoint is still under --runs")
+    ap.add_argument("--adopt-pointing", metavar="RERUN_JSONL",
+                    help="take the pointing game from a rerun's rows where its test metrics are identical")
     ap.add_argument("--one", nargs=3, metavar=("SUITE", "CONFIG", "SEED"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -346,6 +412,10 @@ def main():
         return
     if a.rescore_per_pair:
         rescore_per_pair(a)
+    elif a.add_pointing:
+        add_pointing(a)
+    elif a.adopt_pointing:
+        adopt_pointing(a, Path(a.adopt_pointing))
     elif not a.summary:
         run_grid(a)
     rows = [json.loads(x) for x in Path(a.out).read_text().splitlines()] if Path(a.out).exists() else []
