@@ -181,3 +181,61 @@ def test_partner_file_is_checked(tmp_path):
                                         "train.epochs=1"])
     with pytest.raises(ConfigError, match="expected a list of 4 image indices"):
         train_from_config(cfg, tmp_path / "run")
+
+
+def _toy_fit(tmp_path, name, double=False, validate=None, resume=False, loss=None, **kw):
+    """ToyModel trained on a toy split; double: a model built in float64 and fed float64 batches."""
+    split = make_split(12, caps_per_image=2, seed=0)
+    seed_everything(0)
+    model = ToyModel().double() if double else ToyModel()
+    collate = make_collate(split)
+    if double:
+        inner = collate
+        collate = lambda idx: inner(idx).to(dtype=torch.float64)  # noqa: E731
+    cfg = TrainConfig(**{**dict(epochs=3, batch_size=8, lr=1e-2, out_dir=str(tmp_path / name), tensorboard=False,
+                                patience=0), **kw})
+    trainer = Trainer(model, cfg, train_dataset=PairDataset(split), collate_fn=collate, validate=validate)
+    if loss is not None:
+        trainer.loss_fn = loss
+    trainer.fit(resume=resume)
+    return model
+
+
+def test_float64_epochs_train_as_a_float64_model_would_then_switch_to_float32(tmp_path):
+    """train.float64_epochs=2 of 3: the first two epochs score in float64 and the third in float32; with all
+    epochs in float64 the weights equal (bitwise) those of a model built in float64 and fed float64 batches;
+    checkpoints after the switch hold float32 tensors, and validation runs during the float64 epochs."""
+    from tvrn.losses import ContrastiveLoss
+
+    seen = []
+
+    class Recording(ContrastiveLoss):
+        def forward(self, scores, image_ids=None):
+            seen.append(scores.dtype)
+            return super().forward(scores, image_ids)
+
+    validate = make_validate(make_split(12, caps_per_image=2, seed=0))
+    model = _toy_fit(tmp_path, "switch", float64_epochs=2, validate=validate, loss=Recording(0.2, "max"))
+    assert seen == [torch.float64] * 6 + [torch.float32] * 3  # 3 steps per epoch
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(tmp_path / "switch" / name)
+        assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float32}
+    wide = _toy_fit(tmp_path, "wide", float64_epochs=3)
+    plain = _toy_fit(tmp_path, "plain", double=True)
+    for (k, a), b in zip(plain.state_dict().items(), wide.state_dict().values()):
+        assert torch.equal(a.float(), b), k  # the last switch casts to float32 after the last epoch
+    narrow = _toy_fit(tmp_path, "narrow")
+    assert any(not torch.equal(a, b) for a, b in zip(narrow.state_dict().values(), wide.state_dict().values()))
+
+
+def test_resume_inside_the_float64_epochs_is_bitwise(tmp_path):
+    """A run stopped after epoch 0 of float64_epochs=2 (its checkpoint holds float64 weights and optimizer state)
+    and resumed ends with the uninterrupted run's weights: the resume restores float64 before loading."""
+    whole = _toy_fit(tmp_path, "whole", float64_epochs=2)
+    _toy_fit(tmp_path, "cut", float64_epochs=2, epochs=1)
+    ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float64}
+    resumed = _toy_fit(tmp_path, "cut", float64_epochs=2, resume=True)
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
