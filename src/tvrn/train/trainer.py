@@ -24,7 +24,6 @@ gradients are those of the global batch of world x batch_size pairs, as one proc
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -78,10 +77,6 @@ class TrainConfig:
                                           # the authors' published loss
     sum_loss_epochs: int = 0  # first epochs sum over all negatives before loss_mode applies: the hardest-
                              # negative loss from a random start collapses (all scores equal; VSE-infinity warms up too)
-    float64_epochs: int = 0  # the first epochs in float64 (weights, optimizer state, batches), then float32: float
-                             # rounding decides how fast a model leaves its start-up plateau, so in float32 the
-                             # thread count and CPU kernels move a short run's result; in float64 they barely do
-                             # (the demo's TVRN, README "Demo results"). Single process only; no autocast then
     amp: str = "bf16"  # CUDA only: "bf16" autocast, "fp16" autocast + GradScaler, or "none"; CPU runs fp32
     seed: int = 0  # seeds python/numpy/torch (+ rank) and the data order
     deterministic: bool = False  # torch.use_deterministic_algorithms(True): resume is bit-exact
@@ -198,11 +193,6 @@ class ScorePath:
         self.density = float((grad != 0).float().mean())
 
 
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """Scores for the loss: autocast's half / bfloat16 widened to float32, float64 (train.float64_epochs) kept."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and all CUDA devices)."""
     random.seed(seed)
@@ -283,8 +273,6 @@ class Trainer:
         configure_determinism(cfg.deterministic)
         seed_everything(cfg.seed + self.dist.rank)
         self.model.to(self.device)
-        if cfg.float64_epochs and self.dist.enabled:
-            raise ValueError("train.float64_epochs needs a single process (DDP's buckets keep the float32 layout)")
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -341,29 +329,11 @@ class Trainer:
         )
         return loader, total
 
-    # ---- precision ---------------------------------------------------------------------------------------
-    def _dtype(self, epoch: int) -> torch.dtype:
-        """The training dtype of `epoch` (train.float64_epochs)."""
-        return torch.float64 if epoch < self.config.float64_epochs else torch.float32
-
-    def _set_dtype(self, dtype: torch.dtype) -> None:
-        """Weights and the optimizer's floating state in `dtype` (a no-op when they already are)."""
-        model = _unwrap(self.model)
-        if not self.config.float64_epochs or next(model.parameters()).dtype == dtype:
-            return
-        model.to(dtype)
-        for state in self.optimizer.state.values():
-            for k, v in state.items():
-                if torch.is_tensor(v) and v.is_floating_point() and k != "step":
-                    state[k] = v.to(dtype)
-
     # ---- one step ----------------------------------------------------------------------------------------
     def _train_step(self, batch: Any) -> torch.Tensor:
         cfg = self.config
-        wide = self._dtype(self._epoch) == torch.float64
-        batch = batch.to(self.device, torch.float64) if wide else batch.to(self.device)
-        amp = (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None and not wide
-               else nullcontext())
+        batch = batch.to(self.device)
+        amp = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         kw = self.score_path.forward_kwargs(self._epoch < cfg.sum_loss_epochs)
         loss_fn = self.warmup_loss_fn if self._epoch < cfg.sum_loss_epochs else self.loss_fn
         short_w = cfg.shortlist_loss_weight
@@ -376,9 +346,9 @@ class Trainer:
                 else:
                     scores, short = self.ddp(batch.images, batch.texts, **kw), None  # (B, B): DDP syncs grads
             self.score_path.watch(scores)
-            loss = loss_fn(_at_least_float32(scores), batch.image_ids)
+            loss = loss_fn(scores.float(), batch.image_ids)
             if short is not None:
-                loss = loss + short_w * self.warmup_loss_fn(_at_least_float32(short), batch.image_ids)
+                loss = loss + short_w * self.warmup_loss_fn(short.float(), batch.image_ids)
             logged = loss.detach()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -474,9 +444,8 @@ class Trainer:
             raise ValueError(f"cannot resume from {path}: it was trained with another config "
                              f"({describe_differences(saved, current, conflicts)}); resume with the run's own "
                              f"settings or start a new run folder")
-        self._set_dtype(self._dtype(int(ckpt["epoch"])))  # a checkpoint of a float64 epoch holds float64 tensors
         _unwrap(self.model).load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])  # casts its state to the parameters' dtype
+        self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
@@ -529,7 +498,6 @@ class Trainer:
                     stopped_early = True  # a run resumed after its early-stop epoch
                     break
                 self._epoch = epoch
-                self._set_dtype(self._dtype(epoch))
                 loader, total = self._loader(epoch, start_batch)
                 bar = self._bar(epoch, total, start_batch)
                 self.ddp.train()
@@ -555,7 +523,6 @@ class Trainer:
                         self._save("last.pt", self._checkpoint(epoch, batch_idx, loss_sum, loss_batches))
                 if bar is not None:
                     bar.close()
-                self._set_dtype(self._dtype(epoch + 1))  # the epoch's checkpoints in the next epoch's dtype
                 train_loss = self._mean_loss(loss_sum, loss_batches)
                 improved = self._validate_epoch(epoch)
                 loss_sum, loss_batches, start_batch = 0.0, 0, 0
@@ -616,8 +583,6 @@ class Trainer:
         # a validate marked distributed (tvrn.pipeline.make_validate) is collective: every rank scores its share
         if self.dist.is_main or getattr(self.validate, "distributed", False):
             model = _unwrap(self.model)
-            if next(model.parameters()).dtype == torch.float64 and self.config.float64_epochs:
-                model = copy.deepcopy(model).float()  # scored as it will be: float32 (evaluation reads float32)
             was_training = model.training
             model.eval()
             try:
