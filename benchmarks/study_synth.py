@@ -132,7 +132,7 @@ def one_run(a, suite: str, name: str, seed: int) -> dict:
     from tvrn.demo import read_curve, twin_accuracy
     from tvrn.evaluation import evaluate
     from tvrn.metrics import rank_metrics, t2i_ranks
-    from tvrn.pipeline import load_trained, resolve_config, run_config, score_split, train_from_config
+    from tvrn.pipeline import load_trained, resolve_config, run_config, run_environment, score_split, train_from_config
 
     torch.set_num_threads(a.threads)
     overrides = SUITES[suite][name]
@@ -158,6 +158,7 @@ def one_run(a, suite: str, name: str, seed: int) -> dict:
     return {
         "suite": suite, "config": name, "seed": seed, "overrides": overrides, "data": str(root),
         "command": " ".join(["python", *sys.argv]), "threads": a.threads, "seconds": seconds,
+        "env": run_environment(),  # torch, threads, CPU model and kernels: a run repeats exactly only on the same
         "epochs_run": summary["epochs_completed"], "best_epoch": summary["best_epoch"],
         "dev_rsum_per_epoch": [round(r, 2) for _, r in read_curve(run_dir)],
         "test": evaluate(scores, c2i),
