@@ -1,7 +1,7 @@
 """A search index larger than RAM would hold: build, size, serving memory, latency, shortlist recall.
 
 Part A, the re-rank store: a TVRN model at the demo's widths (D=64, S=32, R=12, Dv=256; random weights) encodes
---images random galleries images batch by batch into an index folder (`tvrn.search.index._IndexWriter`, the
+--images random galleries images batch by batch into an index folder (`tvrn.search.formats._IndexWriter`, the
 writer `tvrn index` uses), in float32 and in float16. Reported: build seconds, index size, peak RSS of the build
 (flat in the gallery size: only a batch is in memory), and, in a fresh process that opens the index, RSS after
 opening and after --queries text queries (shortlist 100, re-ranked by the full model), with the latency p50 / p99.
@@ -35,7 +35,8 @@ import torch
 
 from tvrn.data.batch import ImageBatch, TextBatch
 from tvrn.models import create_model
-from tvrn.search.index import _IndexWriter, _ivf_lists
+from tvrn.search.formats import _IndexWriter
+from tvrn.search.vectors import _ivf_lists
 
 WIDTH = dict(img_dim=256, embed_size=64, sim_dim=32, word_dim=64, vocab_size=60)
 R = 12

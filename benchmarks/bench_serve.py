@@ -41,7 +41,7 @@ def build_index(data: Path, out: Path) -> None:
     from tvrn.data.synth import SynthConfig, write_dataset
     from tvrn.models import create_model
     from tvrn.search import SearchIndex
-    from tvrn.train.checkpoint import save_model
+    from tvrn.checkpoint import save_model
 
     if not (data / "manifest.json").exists():
         write_dataset(data, SynthConfig())

@@ -8,9 +8,9 @@ Model names are registered names, or `tvrn_sgr_published_first`: TVRN as publish
 refinement (docs/published-tvrn.md E; the authors' cost model: each caption refined once per batch). For each model and batch size, each side in a fresh
 process:
 
-- tvrn:      `model(images, texts, memory_budget_mb=BUDGET)`, as `tvrn train` runs it (tvrn.scoring.score_all_train:
+- tvrn:      `model.train_scores(..., memory_budget_mb=BUDGET)`, as `tvrn train` runs it (tvrn.scoring.score_all_train:
              the fast path over all B x B pairs, recomputation of the pairs with a non-zero gradient in backward;
-             with a dense gradient, the plain path when it fits the budget: the trainer's ScorePath policy);
+             with a dense gradient, the plain path when it fits the budget: the training task's ScorePath policy);
 - plain:     `model(images, texts)`, tvrn's path before score_all_train (all pairs' activations kept, padded);
 - reference: written the way the field's code trains (SCAN, SGRAF, VSE++ style): a Python loop over captions,
              each caption cut to its length and scored against all images of the batch with the plain equations
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_scoring import build, make_data, matmul_rate  # noqa: E402  (paper shapes, the same data recipe)
 
 from tvrn.losses import ContrastiveLoss  # noqa: E402
-from tvrn.train.trainer import ScorePath  # noqa: E402
+from tvrn.train.task import ScorePath  # noqa: E402
 
 MODELS = ["tvrn_sgr", "sgraf_sgr", "sgraf_saf", "scan_t2i", "scan_i2t", "vse"]
 VARIANTS = {"tvrn_sgr_published_first": ("tvrn_sgr_published", {"refine_against": "first_image"})}
@@ -121,11 +121,8 @@ def worker(a) -> dict:
             if side == "reference":
                 S = reference_scores(model, enc_i, enc_t)
             else:
-                kw = path.forward_kwargs(False)
-                if kw and model.blocked_training:  # as model.forward does: the batch is one block
-                    S = scoring.score_all_train(model, enc_i, model.anchor_texts(enc_i, enc_t), **kw)
-                else:
-                    S = model.score(enc_i, enc_t)
+                # as TrainingTask does: the batch is one block
+                S = model.train_scores(enc_i, model.anchor_texts(enc_i, enc_t), **path.forward_kwargs(False))
         path.watch(S)
         with stages("loss"):
             loss = loss_fn(S, ids)

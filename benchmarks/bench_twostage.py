@@ -22,7 +22,8 @@ import torch
 from tvrn.data import iter_image_batches, iter_text_batches, load_split
 from tvrn.data.synth import SynthConfig, write_dataset
 from tvrn.evaluation import evaluate
-from tvrn.pipeline import load_trained, resolve_config, train_from_config
+from tvrn.checkpoint import load_trained
+from tvrn.pipeline import resolve_config, train_from_config
 from tvrn.scoring import encode_images, encode_texts, score_all
 from tvrn.search import evaluate_two_stage
 

@@ -1,4 +1,5 @@
-"""Fixtures for the data tests (all named precomp_*)."""
+"""Fixtures shared by several test files: the data tests' precomp_* writers, and `setup`, the tiny rendered search
+index (test_search, test_serve, test_explain, test_hostile_search). Plain helpers live in helpers.py."""
 from __future__ import annotations
 
 import os
@@ -64,3 +65,34 @@ def precomp_write() -> Callable[..., dict]:
 def precomp_random_boxes() -> Callable[..., np.ndarray]:
     """random_boxes(rng, shape) -> (*shape, 4) valid float32 boxes."""
     return _random_boxes
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The tiny rendered search index, built once per test module that asks for it (test_scoring and test_twostage
+    define a `setup` of their own, which wins there) -> (root, data folder, checkpoint, index path, SearchIndex,
+    exact scores (12 images, 60 captions)): a synthetic split (test: 12 rendered images, 8 regions of 32
+    features), an untrained tiny tvrn_sgr saved as a checkpoint, its test-split index saved to root/test.index."""
+    import torch
+
+    from tvrn.data import Vocabulary
+    from tvrn.data.synth import SynthConfig, write_dataset
+    from tvrn.models import create_model
+    from tvrn.scoring import score_all
+    from tvrn.search import SearchIndex
+    from tvrn.checkpoint import save_model
+
+    root = tmp_path_factory.mktemp("search")
+    data = root / "data"
+    write_dataset(data, SynthConfig(seed=4, train_images=10, dev_images=2, test_images=12, regions=8,
+                                    feature_dim=32, image_size=64))
+    vocab = Vocabulary.load(data / "vocab.json")
+    torch.manual_seed(0)
+    model = create_model("tvrn_sgr", img_dim=32, embed_size=16, sim_dim=8, word_dim=8, vocab_size=len(vocab))
+    ckpt = root / "model.pt"
+    save_model(ckpt, "tvrn_sgr", model, vocab)
+    index = SearchIndex.build(ckpt, data, "test")
+    path = root / "test.index"
+    index.save(path)
+    exact = score_all(index.model, index.enc_images, index.enc_texts)  # (12, 60)
+    return root, data, ckpt, path, index, exact

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from tvrn.train import atomic_save, load_checkpoint
-from tvrn.train.checkpoint import get_rng_state, set_rng_state
+from tvrn.checkpoint import atomic_save, load_checkpoint
+from tvrn.train.state import get_rng_state, set_rng_state
 
 TESTS = Path(__file__).parent
 
@@ -81,6 +81,7 @@ def _finish(proc, timeout=60):
     assert proc.returncode == 0, err.decode()[-3000:]
 
 
+@pytest.mark.slow  # three training processes
 def test_kill_and_resume_is_bit_exact(tmp_path):
     script = tmp_path / "train_toy.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
@@ -124,7 +125,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
 
 def test_a_flipped_bit_in_the_weights_is_refused(tmp_path):
     from tvrn.models import create_model
-    from tvrn.train.checkpoint import atomic_save, load_checkpoint, state_digest
+    from tvrn.checkpoint import atomic_save, load_checkpoint, state_digest
 
     model = create_model("sgraf_sgr", img_dim=8, embed_size=8, sim_dim=4, word_dim=4, vocab_size=10,
                          image_pool_norm="batch", image_pool_tokens=3)  # a 0-dim num_batches_tracked too
@@ -191,12 +192,11 @@ CHECKPOINT_BAD_FILES = [  # (id, bytes or a function of tmp_path making them, th
                          ids=[c[0] for c in CHECKPOINT_BAD_FILES])
 def test_a_bad_checkpoint_file_is_refused_saying_what_is_wrong_with_it(tmp_path, contents, phrase):
     from tvrn.convert import ConvertError, load_official
-    from tvrn.train import CheckpointError
-    from tvrn.train.checkpoint import load_model_from_checkpoint
+    from tvrn.checkpoint import CheckpointError, load_trained
 
     path = tmp_path / "bad.pt"
     path.write_bytes(contents(tmp_path) if callable(contents) else contents)
-    for load, error in ((load_checkpoint, CheckpointError), (load_model_from_checkpoint, CheckpointError),
+    for load, error in ((load_checkpoint, CheckpointError), (load_trained, CheckpointError),
                         (load_official, ConvertError)):
         with pytest.raises(error) as caught:
             load(path)

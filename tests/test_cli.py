@@ -30,6 +30,7 @@ def trained(paper_shaped, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # trains at the paper's shapes (the `trained` fixture)
 def test_train_with_paper_preset_writes_run(trained):
     run = json.loads((trained / "run.json").read_text())
     assert run["model"]["name"] == "tvrn_sgr"
@@ -41,6 +42,7 @@ def test_train_with_paper_preset_writes_run(trained):
     assert [x["epoch"] for x in lines if x["kind"] == "epoch"] == [0]
 
 
+@pytest.mark.slow  # the `trained` fixture
 def test_eval_checkpoint_and_ensemble(trained, paper_shaped, tmp_path, capsys):
     out1, npy = tmp_path / "m.json", tmp_path / "s.npy"
     assert main(["eval", str(trained / "best.pt"), "--data", str(paper_shaped), "--split", "test",
@@ -58,6 +60,7 @@ def test_eval_checkpoint_and_ensemble(trained, paper_shaped, tmp_path, capsys):
     assert "RSUM" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the `trained` fixture
 def test_eval_two_stage_reports_against_exact(trained, paper_shaped, tmp_path, capsys):
     """Shortlists as large as the gallery re-rank everything: two-stage equals exact; smaller ones score fewer
     pairs (the ranking itself is checked against loops in test_twostage.py)."""
@@ -105,6 +108,7 @@ def test_twin_accuracy_matches_loop():
     assert twin_accuracy(scores, c2i, np.full(4, -1)) is None
 
 
+@pytest.mark.slow  # trains the demo's models
 def test_demo_runs_tiny(tmp_path):
     data = tmp_path / "synth"
     write_dataset(data, SynthConfig(seed=1, train_images=12, dev_images=4, test_images=4, render_images=False))
@@ -125,6 +129,7 @@ def test_demo_runs_tiny(tmp_path):
     assert changed["rows"][0]["config"]["train"]["lr"] == 0.01
 
 
+@pytest.mark.slow  # trains the demo's models
 def test_demo_command_end_to_end_on_a_tiny_configuration(tmp_path, capsys):
     """`tvrn demo` as `make demo` runs it, every real step at tiny sizes: the benchmark generated, the three
     models trained and evaluated, the table, the curves, TVRN's test index built and the serve command printed;
@@ -154,6 +159,7 @@ def test_demo_command_end_to_end_on_a_tiny_configuration(tmp_path, capsys):
     assert again.count("already trained") == len(DEMO_ENTRIES) and "search index: already built" in again
 
 
+@pytest.mark.slow  # torchrun, two training processes
 def test_train_cli_under_torchrun_two_cpu_ranks(tmp_path):
     """The real entry point under torchrun (gloo, 2 processes): rank 0 writes the run, training completes."""
     import subprocess
@@ -175,6 +181,7 @@ def test_train_cli_under_torchrun_two_cpu_ranks(tmp_path):
     assert ckpt["step"] == 5  # 40 captions / 2 ranks / batch 4
 
 
+@pytest.mark.slow  # renders the synthetic benchmark
 def test_demo_command_generates_the_benchmark_on_a_fresh_checkout(tmp_path, monkeypatch, capsys):
     """`tvrn demo` (what `make demo` runs) on a machine without data/synth: it generates the benchmark, then trains.
     Training is replaced by a stub here (test_demo_runs_tiny covers it); the generation branch and the command's

@@ -1,5 +1,6 @@
-"""Published checkpoints: state dicts built here with the official module names and shapes (SCAN, SGRAF,
-VSE-infinity), saved the way the official code saves them (a pickle with an argparse.Namespace), converted with
+"""Published checkpoints: state dicts built with the official module names and shapes (SCAN, SGRAF,
+VSE-infinity; tests/official_checkpoints.py), saved the way the official code saves them (a pickle with an
+argparse.Namespace), converted with
 `tvrn convert`, and scored by tvrn against a plain implementation of the official forward written in this file
 (float64: the two agree to 1e-7, the size of the 1e-8 epsilons the two codes place differently). Every option is checked the same way; bad checkpoints are refused by name."""
 from __future__ import annotations
@@ -18,15 +19,12 @@ from tvrn.convert import ConvertError, convert_checkpoint, load_official
 from tvrn.data import Vocabulary
 from tvrn.data.batch import ImageBatch, TextBatch
 from tvrn.data.vocab import SPECIAL_TOKENS
-from tvrn.pipeline import model_from_checkpoint
+from tvrn.checkpoint import model_from_checkpoint
 from helpers import pad_token_lists
+from official_checkpoints import (D, DV, NI, R, S, V, WD, official_save, randomise, scan_opt, scan_parts, sgraf_opt,
+                                  sgraf_parts, vocab, vse_opt, vse_parts)  # the official checkpoints
 
-NI, R, DV, D, WD, S, V = 3, 5, 12, 16, 10, 8, 30
 LENGTHS = [7, 4, 6, 3]
-
-
-def vocab():
-    return Vocabulary(list(SPECIAL_TOKENS) + [f"w{i}" for i in range(V - 4)])
 
 
 def data(seed=0):
@@ -45,25 +43,6 @@ def tvrn_scores(ckpt, feats, caps):
                                            adjacency=torch.ones(NI, R, R, dtype=torch.bool)))
         et = model.encode_text(TextBatch(tokens=tokens, mask=mask))
         return model.score(ei, et), model
-
-
-def official_save(tmp_path, parts, opt, name="official.pth.tar"):
-    path = tmp_path / name
-    torch.save({"epoch": 12, "model": [p.state_dict() for p in parts], "best_rsum": 1.0, "opt": opt, "Eiters": 99},
-               path)
-    return path
-
-
-def randomise(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if t.is_floating_point():
-                if name.endswith("running_var"):
-                    t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) + 0.5)
-                else:
-                    t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.3)
-    return module.double().eval()
 
 
 def l2norm(x, dim=-1):  # the official l2norm
@@ -91,27 +70,6 @@ def official_text(embed, rnn, caps, bi, norm):
 
 
 # ----------------------------------------------------------------------------------------------------- SCAN
-def scan_opt(**kw):
-    base = dict(data_name="f30k_precomp", img_dim=DV, embed_size=D, word_dim=WD, num_layers=1, bi_gru=True,
-                no_imgnorm=False, no_txtnorm=False, raw_feature_norm="clipped_l2norm", agg_func="LogSumExp",
-                cross_attn="t2i", precomp_enc_type="basic", lambda_lse=6.0, lambda_softmax=9.0, max_violation=True,
-                margin=0.2, vocab_size=V)
-    base.update(kw)
-    return argparse.Namespace(**base)
-
-
-def scan_parts(opt, seed=1):
-    fc = nn.Linear(opt.img_dim, opt.embed_size)
-    if opt.precomp_enc_type == "weight_norm":
-        fc = torch.nn.utils.weight_norm(fc, dim=None)
-    img = nn.Module()
-    img.fc = fc
-    txt = nn.Module()
-    txt.embed = nn.Embedding(V, opt.word_dim)
-    txt.rnn = nn.GRU(opt.word_dim, opt.embed_size, opt.num_layers, batch_first=True, bidirectional=opt.bi_gru)
-    return randomise(img, seed), randomise(txt, seed + 1)
-
-
 def func_attention(query, context, opt, smooth):
     """SCAN's func_attention, as published."""
     B, queryL, sourceL = context.size(0), query.size(1), context.size(1)
@@ -185,44 +143,6 @@ def test_scan_checkpoint_scores_like_the_official_code(tmp_path, case):
 
 
 # ---------------------------------------------------------------------------------------------------- SGRAF
-def sgraf_opt(**kw):
-    base = dict(data_name="f30k_precomp", img_dim=DV, embed_size=D, word_dim=WD, sim_dim=S, num_layers=1, bi_gru=True,
-                no_imgnorm=False, no_txtnorm=False, module_name="SGR", sgr_step=3, margin=0.2, max_violation=True,
-                vocab_size=V)
-    base.update(kw)
-    return argparse.Namespace(**base)
-
-
-def _sa(visual):
-    m = nn.Module()
-    m.embedding_local = nn.Sequential(*([nn.Linear(D, D)] + ([nn.BatchNorm1d(R)] if visual else [])
-                                        + [nn.Tanh(), nn.Dropout(0.4)]))
-    m.embedding_global = nn.Sequential(*([nn.Linear(D, D)] + ([nn.BatchNorm1d(D)] if visual else [])
-                                         + [nn.Tanh(), nn.Dropout(0.4)]))
-    m.embedding_common = nn.Sequential(nn.Linear(D, 1))
-    return m
-
-
-def sgraf_parts(opt, seed=3):
-    img, txt, sim = nn.Module(), nn.Module(), nn.Module()
-    img.fc = nn.Linear(DV, D)
-    txt.embed = nn.Embedding(V, WD)
-    txt.cap_rnn = nn.GRU(WD, D, 1, batch_first=True, bidirectional=opt.bi_gru)
-    sim.v_global_w, sim.t_global_w = _sa(True), _sa(False)
-    sim.sim_tranloc_w, sim.sim_tranglo_w, sim.sim_eval_w = nn.Linear(D, S), nn.Linear(D, S), nn.Linear(S, 1)
-    if opt.module_name == "SGR":
-        steps = []
-        for _ in range(opt.sgr_step):
-            step = nn.Module()
-            step.graph_query_w, step.graph_key_w, step.sim_graph_w = nn.Linear(S, S), nn.Linear(S, S), nn.Linear(S, S)
-            steps.append(step)
-        sim.SGR_module = nn.ModuleList(steps)
-    else:
-        sim.SAF_module = nn.Module()
-        sim.SAF_module.attn_sim_w, sim.SAF_module.bn = nn.Linear(S, 1), nn.BatchNorm1d(1)
-    return randomise(img, seed), randomise(txt, seed + 1), randomise(sim, seed + 2)
-
-
 def _self_attention(m, local, raw_global):
     l_emb, g_emb = m.embedding_local(local), m.embedding_global(raw_global)
     weights = F.softmax(m.embedding_common(l_emb * g_emb.unsqueeze(1)).squeeze(2), dim=1)
@@ -289,45 +209,6 @@ def test_sgraf_word_dropout_acts_in_training_only():
 
 
 # --------------------------------------------------------------------------------------------- VSE-infinity
-def vse_opt(**kw):
-    base = dict(data_name="f30k_precomp", img_dim=DV, embed_size=D, word_dim=WD, num_layers=1, no_imgnorm=False,
-                no_txtnorm=False, precomp_enc_type="basic", max_violation=True, margin=0.2, vocab_size=V)
-    base.update(kw)
-    return argparse.Namespace(**base)
-
-
-def _gpo():
-    m = nn.Module()
-    m.gru, m.linear = nn.GRU(32, 32, 1, batch_first=True, bidirectional=True), nn.Linear(32, 1, bias=False)
-    return m
-
-
-def vse_parts(seed=7, bert_path=None):
-    img = nn.Module()
-    img.fc = nn.Linear(DV, D)
-    img.mlp = nn.Module()
-    img.mlp.layers = nn.ModuleList([nn.Linear(DV, D // 2), nn.Linear(D // 2, D)])
-    img.mlp.bns = nn.ModuleList([nn.BatchNorm1d(D // 2), nn.BatchNorm1d(D)])
-    img.gpool = _gpo()
-    txt = nn.Module()
-    if bert_path is None:
-        txt.embed, txt.rnn = nn.Embedding(V, WD), nn.GRU(WD, D, 1, batch_first=True, bidirectional=True)
-    else:
-        from transformers import BertModel
-
-        txt.bert = BertModel.from_pretrained(bert_path)
-        txt.linear = nn.Linear(txt.bert.config.hidden_size, D)
-    txt.gpool = _gpo()
-    img, txt = randomise(img, seed), (randomise(txt, seed + 1) if bert_path is None else txt.double().eval())
-    if bert_path is not None:
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for mod in (txt.linear, txt.gpool):
-                for t in mod.parameters():
-                    t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.3)
-    return img, txt
-
-
 def official_gpo(m, features, lengths):
     """VSE-infinity's GPO.forward, as published."""
     B, max_len = features.size(0), int(lengths.max())
@@ -612,7 +493,7 @@ def _bad_file(tmp_path, contents):
 
 @pytest.mark.parametrize("contents,phrase", [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
 def test_a_bad_file_is_refused_saying_what_is_wrong_with_it(tmp_path, capsys, contents, phrase):
-    from tvrn.train import CheckpointError, load_checkpoint
+    from tvrn.checkpoint import CheckpointError, load_checkpoint
 
     path = _bad_file(tmp_path, contents)
     for load, error in ((load_official, ConvertError), (load_checkpoint, CheckpointError)):

@@ -69,6 +69,7 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for RSS")
+@pytest.mark.slow  # writes and reads a large file in a subprocess
 def test_iterating_large_file_keeps_rss_flat(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     src = os.path.join(os.path.dirname(__file__), "..", "src")

@@ -4,7 +4,8 @@ import pickle
 import numpy as np
 import pytest
 
-from tvrn.data import COCO_DEV_CAPTIONS, NpyRows, PrecompSplit, load_split
+from tvrn.data import COCO_DEV_CAPTIONS, PrecompSplit, load_split
+from tvrn.fileio import NpyRows
 
 
 @pytest.mark.parametrize("repeated", [False, True])

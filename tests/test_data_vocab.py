@@ -82,10 +82,10 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     Vocabulary.build(["old words"], min_count=1).save(path)
     before = path.read_text()
 
-    def broken_dump(*args, **kwargs):
+    def broken_fsync(fd):  # the new file is written, not yet renamed into place
         raise OSError("disk full")
 
-    monkeypatch.setattr(json, "dump", broken_dump)
+    monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         Vocabulary.build(["new words"], min_count=1).save(path)
     assert path.read_text() == before

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tvrn.train.distributed import DistInfo, broadcast_object, gather_objects, init_distributed
+from tvrn.distributed import DistInfo, broadcast_object, gather_objects, init_distributed
 
 TESTS = Path(__file__).parent
 
@@ -20,7 +20,8 @@ import pytest
 import torch
 torch.set_num_threads(1)
 from _train_toy import PairDataset, ToyModel, make_collate, make_split, make_validate
-from tvrn.train import Trainer, TrainConfig, seed_everything, cleanup_distributed
+from tvrn.distributed import cleanup_distributed
+from tvrn.train import Trainer, TrainConfig, seed_everything
 
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
@@ -48,6 +49,7 @@ def test_single_process_helpers():
     assert gather_objects(3) == [3]
 
 
+@pytest.mark.slow  # torchrun, two ranks
 def test_two_ranks_gloo(tmp_path):
     script = tmp_path / "ddp_toy.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
@@ -89,7 +91,8 @@ import torch
 torch.set_num_threads(1)
 from contextlib import nullcontext
 from global_negatives_case import CASES, batch_of, build
-from tvrn.train import Trainer, TrainConfig, cleanup_distributed
+from tvrn.distributed import cleanup_distributed
+from tvrn.train import Trainer, TrainConfig
 
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
@@ -101,7 +104,7 @@ for name, mode, overrides in CASES:
     trainer._setup()
     assert trainer._global_negatives()  # on by default under DDP for tvrn models
     batch = batch_of(range(8 * rank, 8 * rank + 8))
-    loss, total = trainer._global_loss(batch, trainer.loss_fn, nullcontext(), trainer.score_path.forward_kwargs(False))
+    loss, total = trainer._global_loss(batch, trainer.loss_fn, nullcontext(), False)
     loss.backward()
     if rank == 0:
         results[name] = {{"loss": float(total), "grads": {{k: p.grad.tolist() for k, p in model.named_parameters()
@@ -115,6 +118,7 @@ os._exit(0)
 """
 
 
+@pytest.mark.slow  # torchrun, two ranks
 def test_global_negatives_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     """Two gloo ranks with 8 pairs each train on the loss (and gradients) of the 16-pair batch: each rank scores
     its images against every rank's captions and the reverse, with the blocked training path (float64 models;
@@ -147,6 +151,7 @@ def test_global_negatives_two_ranks_equal_one_process_with_the_whole_batch(tmp_p
             assert (g - p.grad).norm() <= 1e-6 * p.grad.norm() + floor, (name, k)
 
 
+@pytest.mark.slow  # torchrun, two ranks
 def test_distributed_eval_equals_one_process(tmp_path):
     """`torchrun --nproc_per_node=2 -m tvrn.cli eval`: the scorer's block plan split across two gloo ranks, each
     scoring its units with the one scorer; rank 0's saved matrix equals the single-process one bit for bit."""
@@ -155,7 +160,7 @@ def test_distributed_eval_equals_one_process(tmp_path):
     from tvrn.data import Vocabulary
     from tvrn.data.synth import SynthConfig, write_dataset
     from tvrn.models import create_model
-    from tvrn.train.checkpoint import save_model
+    from tvrn.checkpoint import save_model
 
     data = tmp_path / "synth"
     write_dataset(data, SynthConfig(seed=6, train_images=4, dev_images=2, test_images=7, render_images=False))

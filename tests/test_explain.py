@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from test_models import B, D, build, make_images, make_texts, pad_images, MODELS
+from helpers import B, D, MODELS, build, make_images, make_texts, pad_images
 from tvrn.cli import main
 from tvrn.models import EncodedImages, EncodedTexts, explain, explain_encoded, explain_pairs
 from tvrn.models.layers import attention_weights, l2norm
@@ -162,22 +162,22 @@ def test_dual_encoders_explain_the_score_only():
     assert explain_pairs(model, images, texts).pointed_regions() is None
 
 
-def test_model_method_and_mismatched_pairs():
+def test_mismatched_pairs_and_train_mode():
     model = build("scan_t2i")
     images, texts = make_images(3), make_texts(model, 3)
-    assert torch.equal(model.explain(images, texts).score, explain_pairs(model, images, texts).score)
     with pytest.raises(ValueError, match="as many images as captions"):
         explain_pairs(model, images, texts[:2])
     with pytest.raises(ValueError, match="one image and one caption"):
         explain(model, images, texts)
-    assert not model.training and not build("tvrn_sgr").train().explain(images, texts).score.requires_grad
+    trained = build("tvrn_sgr").train()
+    assert not explain_pairs(trained, images, texts).score.requires_grad and trained.training  # mode restored
 
 
 # ----------------------------------------------------------------------------------------- search layer and CLI
-from test_search import setup  # noqa: E402,F401  (the tiny rendered index)
+# `setup`: the tiny rendered index, a fixture of conftest.py
 
 
-def test_index_explain_is_the_search_hit(setup):  # noqa: F811
+def test_index_explain_is_the_search_hit(setup):
     """SearchIndex.explain: the score is the search hit's, the words the query's, the boxes the split's."""
     _, data, _, path, index, _ = setup
     from tvrn.data import load_split
@@ -202,7 +202,7 @@ def test_index_explain_is_the_search_hit(setup):  # noqa: F811
         again.explain("   ", 0)
 
 
-def test_explain_command(setup, capsys):  # noqa: F811
+def test_explain_command(setup, capsys):
     _, _, _, path, index, _ = setup
     q = "a red ball"
     assert main(["explain", str(path), q, "--image", "4", "-k", "2"]) == 0

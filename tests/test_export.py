@@ -17,10 +17,12 @@ import torch
 import tvrn
 from tvrn.config import save_config
 from tvrn.data import collate_images, collate_texts, load_split
-from tvrn.export import MissingExtraError, ModelFolderError, export_model, load_folder
-from tvrn.pipeline import build_model, load_trained, resolve_config, run_config, score_split
+from tvrn.checkpoint import MissingExtraError, ModelFolderError, load_folder
+from tvrn.export import export_model
+from tvrn.checkpoint import load_trained
+from tvrn.pipeline import build_model, resolve_config, run_config, score_split
 from tvrn.scoring import encode_images, encode_texts, score_all
-from tvrn.train.checkpoint import atomic_save, load_checkpoint
+from tvrn.checkpoint import atomic_save, load_checkpoint
 from helpers import assert_refused, run_cli, tiny_synth
 
 SMALL = ["model.embed_size=16", "model.sim_dim=8", "model.word_dim=8"]
@@ -370,12 +372,12 @@ def test_a_hub_name_without_huggingface_hub_names_the_extra(monkeypatch):
 # ------------------------------------------------------------------------------------- converted checkpoints
 def _converted(source, tmp_path):
     """A published checkpoint built by the convert tests' helpers, converted by `tvrn convert` -> (.pt, R, boxes)."""
-    import test_convert as tc
+    import official_checkpoints as tc
     from tvrn.convert import convert_checkpoint
 
     if source == "tvrn":
         import official_tvrn
-        import test_published_convert as tp
+        import published_checkpoint as tp
 
         ckpt = tp.checkpoint("SGR")
         conv = convert_checkpoint("tvrn", ckpt, "authors.pth.tar", vocab=tp.vocab())
@@ -435,7 +437,7 @@ def test_photo_paths_are_extracted_with_the_training_recipe(tmp_path, monkeypatc
     from tvrn.extract import Recipe, RegionExtractor
     from tvrn.extract.folder import update_manifest
     from tvrn.models import create_model
-    from tvrn.train.checkpoint import save_model
+    from tvrn.checkpoint import save_model
 
     ex = RegionExtractor(Recipe(input_size=64, grid=(1, 2)))  # R = 5, Dv = 1280
     train_root = tmp_path / "extracted"

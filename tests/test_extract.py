@@ -269,6 +269,7 @@ def test_manifest_refuses_a_second_recipe(tmp_path, photos, extractor):
     assert set(json.loads((tmp_path / "manifest.json").read_text())["splits"]) == {"train", "test"}
 
 
+@pytest.mark.slow  # two `tvrn extract` processes
 def test_a_real_kill_then_rerun_gives_the_same_bytes(tmp_path, photos):
     """SIGKILL the CLI in the middle (after a few batches are recorded), run it again: same bytes as one run."""
     imgs = tmp_path / "imgs"

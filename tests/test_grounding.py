@@ -170,7 +170,7 @@ def test_eval_reports_the_pointing_game(synth, tmp_path, capsys):
     """`tvrn eval` on a synthetic split prints the pointing game and writes it with --out; --no-pointing-game and
     score matrices (.npy) leave the output as it was."""
     from tvrn.cli import main
-    from tvrn.train.checkpoint import save_model
+    from tvrn.checkpoint import save_model
 
     root, vocab = synth
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import torch
 
 from tvrn.cli import main
 from tvrn.models import create_model
-from tvrn.train.checkpoint import save_model
+from tvrn.checkpoint import save_model
 
 from helpers import assert_refused, run_cli, tiny_synth  # noqa: E402
 
@@ -128,11 +128,13 @@ def test_set_unknown_keys_and_wrong_types(override, message, capsys, tmp_path):
 
 
 def test_set_keeps_presets_and_good_values_working():
-    from tvrn.config import check_config, check_overrides, list_presets
+    from tvrn.config import ConfigError, check_config, check_overrides, list_presets
     from tvrn.pipeline import resolve_config
 
     check_overrides(["model.embed_size=16", "train.lr=1", "train.lr_milestones=[2, 3]", "model.gate_lambda=null",
-                     "data.root=somewhere", "eval.split=dev", "model.name=vse"])
+                     "data.root=somewhere", "model.name=vse"])
+    with pytest.raises(ConfigError, match="unknown section eval"):  # a section of earlier versions that nothing read
+        check_overrides(["eval.split=dev"])
     for name in list_presets():
         check_config(resolve_config(name), name)
 

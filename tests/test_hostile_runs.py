@@ -16,7 +16,7 @@ from tvrn.cli import main
 from tvrn.data import PrecompSplit, TvrnDataError, load_split
 from tvrn.data.errors import TextEncodingError
 from tvrn.models import create_model
-from tvrn.train.checkpoint import save_model
+from tvrn.checkpoint import save_model
 from helpers import assert_refused, run_cli, tiny_synth
 
 
@@ -168,7 +168,7 @@ RESUME_PATHS = [  # (saved value, current value, conflict)
 @pytest.mark.parametrize("key", ["data.root", "data.vocab", "train.partner_file"])
 @pytest.mark.parametrize("saved,current,conflict", RESUME_PATHS)
 def test_resume_compares_the_files_paths_name(tmp_path, monkeypatch, key, saved, current, conflict):
-    from tvrn.train.trainer import resume_conflicts
+    from tvrn.config import resume_conflicts
 
     (tmp_path / "data").mkdir()
     (tmp_path / "elsewhere").mkdir()

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from test_search import setup  # noqa: F401  (the tiny rendered index: root, data, ckpt, path, index, exact)
 from helpers import assert_refused, run_cli
 from tvrn.cli import main
 from tvrn.search import SearchIndex, SearchIndexError
@@ -29,7 +28,7 @@ def siblings(folder: Path, name: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ 1. FAISS factory strings
-def test_bad_faiss_strings_are_refused_naming_the_option_and_leave_nothing(setup, tmp_path, capsys):  # noqa: F811
+def test_bad_faiss_strings_are_refused_naming_the_option_and_leave_nothing(setup, tmp_path, capsys):
     pytest.importorskip("faiss")
     _, data, ckpt, _, index, _ = setup
     out = tmp_path / "out" / "bad.index"
@@ -56,14 +55,14 @@ def test_bad_faiss_strings_are_refused_naming_the_option_and_leave_nothing(setup
 
 
 # ------------------------------------------------------------------------------ 2. stale temporaries
-def test_temporaries_of_a_killed_build_are_removed_by_the_next_build(setup, tmp_path):  # noqa: F811
+def test_temporaries_of_a_killed_build_are_removed_by_the_next_build(setup, tmp_path):
     import tvrn
 
     index = setup[4]
     out = tmp_path / "gallery.index"
     # a real writer, killed mid-build (SIGKILL: no cleanup of its own)
     code = ("import os, signal, sys\n"
-            "from tvrn.search.index import _IndexWriter\n"
+            "from tvrn.search.formats import _IndexWriter\n"
             "w = _IndexWriter(sys.argv[1], 12, 60, 'float32')\n"
             "(w.tmp / 'half.bin').write_bytes(b'x' * 100000)\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
@@ -108,7 +107,7 @@ sys.exit(main(sys.argv[1:-1]))
 """
 
 
-def test_a_terminated_index_build_removes_its_temporary_folder(setup, tmp_path):  # noqa: F811
+def test_a_terminated_index_build_removes_its_temporary_folder(setup, tmp_path):
     """SIGTERM (a plain `kill`, a job scheduler's time limit) unwinds `tvrn index` instead of leaving hundreds
     of MB in a hidden .OUT.tmp.* folder."""
     import tvrn
@@ -147,7 +146,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_damaged_index_folders_are_refused_naming_the_file(setup, tmp_path, capsys):  # noqa: F811
+def test_damaged_index_folders_are_refused_naming_the_file(setup, tmp_path, capsys):
     pytest.importorskip("faiss")
     index = setup[4]
     good = tmp_path / "good.index"
@@ -244,7 +243,7 @@ def wait_for(condition, seconds=60.0) -> bool:
 
 
 # ------------------------------------------------------------------------------ 4. image files
-def test_image_files_are_regular_files_inside_the_folder_and_behind_the_token(setup, tmp_path):  # noqa: F811
+def test_image_files_are_regular_files_inside_the_folder_and_behind_the_token(setup, tmp_path):
     pytest.importorskip("fastapi")
     from tvrn.search.server import ServerThread, create_app
 
@@ -289,7 +288,7 @@ def test_image_files_are_regular_files_inside_the_folder_and_behind_the_token(se
 
 
 # ------------------------------------------------------------------------------ 5. uploads and a full pool
-def test_uploads_are_refused_before_their_body_is_read_when_the_pool_is_full(setup):  # noqa: F811
+def test_uploads_are_refused_before_their_body_is_read_when_the_pool_is_full(setup):
     """workers=1, queue=0: one upload whose body is still arriving holds the pool's only place; a second upload
     (10 MB declared, 1 KB sent) gets 503 without its body being waited for or read; a Content-Length above the
     limit gets 413 and a multipart form 400, neither read; the place comes back when the first client leaves."""
@@ -327,7 +326,7 @@ def test_uploads_are_refused_before_their_body_is_read_when_the_pool_is_full(set
 
 
 # ------------------------------------------------------------------------------ 6. messages
-def test_upload_and_parameter_errors_say_what_was_wrong(setup, monkeypatch):  # noqa: F811
+def test_upload_and_parameter_errors_say_what_was_wrong(setup, monkeypatch):
     pytest.importorskip("fastapi")
     import tvrn.search.image_query as iq
     from tvrn.search.server import ServerThread, create_app
@@ -410,7 +409,7 @@ def run_page(tmp_path, base, hash_="", search="", k=1) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_page_image_view_shows_its_own_captions_and_says_how_to_give_the_token(setup, tmp_path):  # noqa: F811
+def test_page_image_view_shows_its_own_captions_and_says_how_to_give_the_token(setup, tmp_path):
     pytest.importorskip("fastapi")
     if shutil.which("node") is None:
         pytest.skip("node is not installed (it runs the page's script here)")

@@ -115,7 +115,8 @@ import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from tvrn.evaluation import ensemble, evaluate, evaluate_protocol, load_scores, save_scores, write_json  # noqa: E402
+from tvrn.evaluation import ensemble, evaluate, evaluate_protocol, load_scores, save_scores  # noqa: E402
+from tvrn.fileio import write_json  # noqa: E402
 
 
 def _five_fold_problem(fold_images=12, folds=5, seed=0):

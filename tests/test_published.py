@@ -14,7 +14,7 @@ from tvrn.models import create_model, list_models
 from tvrn.models.layers import Attention, attention_weights, l2norm
 from tvrn.pipeline import published_adjacency_source, resolve_config
 from tvrn.scoring import score_all
-from test_models import B, R, TINY, make_images, make_texts  # noqa: F401  (shared tiny sizes and inputs)
+from helpers import B, R, TINY, make_images, make_texts  # noqa: F401  (shared tiny sizes and inputs)
 
 PUB = dict(TINY, image_pool_tokens=2 * R)
 

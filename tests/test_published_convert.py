@@ -13,25 +13,13 @@ import torch
 import official_tvrn as ref
 from tvrn.cli import main
 from tvrn.convert import ConvertError, convert_checkpoint
-from tvrn.data import Vocabulary, load_split
+from tvrn.data import load_split
 from tvrn.data.batch import ImageBatch, TextBatch
-from tvrn.data.vocab import SPECIAL_TOKENS
 from tvrn.models import create_model
 from tvrn.pipeline import published_protocol_scores
 from tvrn.scoring import encode_images, encode_texts, score_all
 from helpers import iou_adjacency, pad_token_lists
-
-DV, WD, D, S, R, V = 10, 7, 12, 6, 4, 20
-WORDS = [f"w{i}" for i in range(V - len(SPECIAL_TOKENS))]
-
-
-def vocab() -> Vocabulary:
-    return Vocabulary(list(SPECIAL_TOKENS) + WORDS)
-
-
-def checkpoint(module="SGR", seed=0):
-    return ref.make_official_checkpoint(module=module, img_dim=DV, word_dim=WD, embed=D, sim_dim=S, regions=R,
-                                        vocab_size=V, seed=seed)
+from published_checkpoint import D, DV, R, V, WORDS, checkpoint, vocab  # the authors' checkpoint, tiny
 
 
 def inputs(ni=6, nt=9, seed=0):
@@ -163,7 +151,7 @@ def test_cli_convert_and_eval_published_protocol(tmp_path, capsys):
     result = json.loads((tmp_path / "m.json").read_text())
     # the CLI's numbers are the library's (whose matrix equals the transcription's: the test above)
     from tvrn.evaluation import evaluate
-    from tvrn.pipeline import load_trained
+    from tvrn.checkpoint import load_trained
 
     split = load_split(tmp_path / "data", "test")
     model, tok, _ = load_trained(tmp_path / "tvrn.pt")

@@ -66,6 +66,7 @@ def _checkpoint(run_dir):
 
 
 @pytest.mark.parametrize("name", ["tvrn_sgr", "sgraf_sgr", "scan_t2i", "vse"])
+@pytest.mark.slow  # two training processes per model
 def test_two_processes_train_bit_identical_weights(synth, tmp_path, name):
     cmds = [[sys.executable, "-m", "tvrn.cli", "train", "--config", "tvrn_synth", "--data", str(synth),
              "--model", name, "--out", str(tmp_path / f"run{k}"), *SMALL] for k in (0, 1)]
@@ -77,6 +78,7 @@ def test_two_processes_train_bit_identical_weights(synth, tmp_path, name):
     assert run["env"]["threads"] == 1 and run["env"]["torch"] == torch.__version__
 
 
+@pytest.mark.slow  # two torchrun runs of two ranks
 def test_two_torchrun_runs_of_two_gloo_ranks_are_bit_identical(synth, tmp_path):
     def cmd(k):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
@@ -124,7 +126,7 @@ def test_trainer_refuses_a_checkpoint_of_another_model_config(tmp_path):
 
 def test_resume_of_a_run_made_before_a_config_field_existed(tmp_path):
     """A field added later (absent from the old run.json) at its default is no conflict; at another value it is."""
-    from tvrn.train.trainer import resume_conflicts
+    from tvrn.config import resume_conflicts
 
     saved = {"model_name": "x", "model": {"embed_size": 16}, "train": {"lr": 0.1, "epochs": 1}}
     now = {"model_name": "x", "model": {"embed_size": 16, "word_dropout": 0.0},
@@ -135,6 +137,7 @@ def test_resume_of_a_run_made_before_a_config_field_existed(tmp_path):
     assert resume_conflicts(saved, now) == ["model.word_dropout", "train.partner_file"]
 
 
+@pytest.mark.slow  # three training processes
 def test_resume_at_an_epoch_boundary_in_a_new_process_is_bit_identical(synth, tmp_path):
     """The module study's case: a run stopped after epoch 1 and resumed by another process (`--resume`, no
     --deterministic) ends with the checkpoint of the run that never stopped: weights, optimiser, RNG states,

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from _train_toy import ToyModel, image_batches, make_split, text_batches
-from tvrn.scoring import cat_encoded, encode_images, encode_texts, plan_blocks, score_all
+from tvrn.scoring import encode_images, encode_texts, plan_blocks, score_all
+from tvrn.tensors import cat_fields
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_encode_concatenates_in_order_with_padding(setup):
     assert len(set(lengths)) > 1  # the padding path was exercised
 
 
-def test_cat_encoded_generic():
+def test_cat_fields_generic():
     from dataclasses import dataclass
 
     @dataclass
@@ -44,13 +45,13 @@ def test_cat_encoded_generic():
 
     a = Enc(torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 3, 3, dtype=torch.bool))
     b = Enc(torch.ones(1, 5, 4), torch.ones(1, 5, dtype=torch.bool), torch.ones(1, 5, 5, dtype=torch.bool))
-    c = cat_encoded([a, b])
+    c = cat_fields([a, b])
     assert c.x.shape == (3, 5, 4) and c.word_mask.shape == (3, 5) and c.adj.shape == (3, 5, 5)
     assert c.word_mask[:2, 3:].sum() == 0 and c.x[:2, 3:].abs().sum() == 0 and c.adj[:2, 3:, :].sum() == 0
     assert c.note == "a" and c.opt is None
     with pytest.raises(ValueError):
-        cat_encoded([a, Enc(b.x, b.word_mask, b.adj, note="b")])
-    assert torch.equal(cat_encoded([torch.ones(2, 3), torch.zeros(1, 3)]), torch.tensor([[1.0] * 3] * 2 + [[0.0] * 3]))
+        cat_fields([a, Enc(b.x, b.word_mask, b.adj, note="b")])
+    assert torch.equal(cat_fields([torch.ones(2, 3), torch.zeros(1, 3)]), torch.tensor([[1.0] * 3] * 2 + [[0.0] * 3]))
 
 
 @pytest.mark.parametrize("bi,bt", [(1, 1), (2, 5), (4, 27), (9, 4), (100, 100)])
@@ -111,7 +112,7 @@ def test_empty_gallery(setup):
 def test_tvrn_budgeted_length_sorted_blocks_equal_one_block():
     """Real model, mixed caption lengths in gallery order: budgeted blocks over length-sorted captions give the
     single-block scores in gallery order; the plan caps captions per block for length-grouping models."""
-    from test_models import build, make_images, make_texts
+    from helpers import build, make_images, make_texts
 
     model = build("tvrn_sgr")
     with torch.no_grad():
@@ -130,7 +131,7 @@ def test_tvrn_budgeted_length_sorted_blocks_equal_one_block():
 @pytest.mark.parametrize("name", ["tvrn_sgr", "sgraf_sgr", "scan_t2i", "vse"])
 def test_autocast_bf16_runs_fast_paths(name):
     """CPU bf16 autocast stands in for CUDA bf16 / fp16: the fast paths keep one dtype through their loops."""
-    from test_models import build, make_images, make_texts
+    from helpers import build, make_images, make_texts
 
     model = build(name)
     images, texts = make_images(4), make_texts(model, 6, lengths=(7, 5, 3, 5, 2, 7))
@@ -142,7 +143,7 @@ def test_autocast_bf16_runs_fast_paths(name):
 
 
 def test_caption_blocks_cut_at_length_changes():
-    from tvrn.scoring import _caption_blocks
+    from tvrn.scoring.plan import _caption_blocks
 
     lengths = torch.tensor([2, 2, 2, 3, 5, 5, 5, 5, 5, 7])  # visiting order, sorted
     blocks = _caption_blocks(10, 3, lengths)
@@ -157,7 +158,7 @@ def test_caption_blocks_cut_at_length_changes():
 def test_length_grouping_models_get_trimmed_one_length_blocks(name):
     """score_all hands a length-grouping model blocks of captions of one length, cut to that length (no padded
     word), gives each block as many images as the budget allows at its length, and keeps every score."""
-    from test_models import build, make_images, make_texts
+    from helpers import build, make_images, make_texts
 
     model = build(name)
     with torch.no_grad():
@@ -191,8 +192,8 @@ def test_captions_with_inner_padding_are_not_cut():
     word count (that would drop real words); the scores equal the plain masked computation."""
     from dataclasses import replace
 
-    from test_models import build, make_images, make_texts
-    from tvrn.scoring import _prefix_lengths
+    from helpers import build, make_images, make_texts
+    from tvrn.scoring.plan import _prefix_lengths
 
     model = build("sgraf_sgr")
     with torch.no_grad():
@@ -211,7 +212,7 @@ def test_shards_of_the_plan_sum_to_the_single_process_matrix_bit_for_bit(name):
     """score_all(shard=(r, w)): every work unit of the whole gallery's plan is scored by exactly one rank, with the
     single-process block shapes, so the zero-padded shards sum to the single-process matrix exactly, for any w
     (also w larger than the number of units: idle ranks give zeros)."""
-    from test_models import build, make_images, make_texts
+    from helpers import build, make_images, make_texts
     from tvrn.scoring import block_plan, plan_units, shard_units
 
     model = build(name)

@@ -1,11 +1,14 @@
 """`tvrn serve` over real HTTP (uvicorn on an ephemeral loopback port): API, page, limits, hostile input, slow
-clients, the model pool's 503s, the bearer token; and a real browser (headless Chromium) rendering the page."""
+clients, the model pool's 503s, the bearer token; and a real browser (headless Chromium) rendering the page.
+No tight wall-clock bounds (a loaded 2-core machine must not flake): "does not delay others" is checked by order
+(the other client is answered while the slow one is still held), "fast" and "within" by generous bounds."""
 from __future__ import annotations
 
 import json
 import os
 import re
 import resource
+import select
 import shutil
 import socket
 import subprocess
@@ -18,7 +21,6 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 
-from test_search import setup  # noqa: E402,F401  (the tiny rendered index)
 from tvrn.cli import main  # noqa: E402
 from tvrn.search.server import ServerThread, create_app, is_loopback  # noqa: E402
 
@@ -32,7 +34,7 @@ def request(base, path, method="GET", headers=None, timeout=30, data=None):
         return e.code, dict(e.headers), e.read()
 
 
-def raw(base, data: bytes, timeout=5.0) -> bytes:
+def raw(base, data: bytes, timeout=30.0) -> bytes:
     """Send raw bytes on a new connection, return everything the server answers before it closes."""
     host, port = base.split("//")[1].split(":")
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
@@ -45,14 +47,19 @@ def raw(base, data: bytes, timeout=5.0) -> bytes:
             out += chunk
 
 
+def unanswered(sock) -> bool:
+    """True while the server has neither answered on `sock` nor closed it (nothing to read there yet)."""
+    return not select.select([sock], [], [], 0)[0]
+
+
 @pytest.fixture(scope="module", params=["httptools", "h11"])
-def server(setup, request):  # noqa: F811
+def server(setup, request):
     """The server on both of uvicorn's HTTP parsers (httptools: the default when installed; h11: the fallback),
     each with tvrn's header timeout, head bound and JSON 400s."""
     if request.param == "httptools":
         pytest.importorskip("httptools", reason="the serve extra's httptools is not installed")
     index = setup[4]
-    with ServerThread(create_app(index), header_timeout=1.0, keepalive_timeout=1.0, http=request.param) as base:
+    with ServerThread(create_app(index), header_timeout=3.0, keepalive_timeout=1.0, http=request.param) as base:
         yield base, index
 
 
@@ -127,17 +134,17 @@ def test_long_query_is_refused_fast_and_memory_stays_flat(server):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     status, _, body = request(base, "/api/search?q=" + "cat+" * 16000)  # 64 KB of query: above the head limit
-    assert status == 400 and "at most 16384" in json.loads(body)["error"] and time.perf_counter() - t0 < 1.0
+    assert status == 400 and "at most 16384" in json.loads(body)["error"] and time.perf_counter() - t0 < 10.0
     t0 = time.perf_counter()
     status, _, body = request(base, "/api/search?q=" + "cat+" * 3000)  # 12 KB: above the query's character limit
     assert status == 400 and "query too long: 12000 characters" in json.loads(body)["error"]
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 10.0  # generous: catches a hang or a runaway, not a busy machine
     # under the character limit but far above the model's useful length: cut, and the answer says so
     t0 = time.perf_counter()
     status, _, body = request(base, "/api/search?q=" + "a+red+cat+" * 66)  # 198 words
     res = json.loads(body)
     assert status == 200 and res["truncated"] == {"words": 198, "kept": 64} and len(res["hits"]) == 10
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 10.0
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KB: < 200 MB
 
 
@@ -146,7 +153,7 @@ def test_request_head_above_16_kb_gets_json_400(server):
     assert out.startswith(b"HTTP/1.1 400") and b"at most 16384" in out and b'"error"' in out
     # the same, arriving in pieces (h11 refuses it before it is complete)
     host, port = server[0].split("//")[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=5) as s:
+    with socket.create_connection((host, int(port)), timeout=30) as s:
         s.sendall(b"GET /api/info HTTP/1.1\r\nHost: x\r\nX-Big: ")
         for _ in range(5):
             s.sendall(b"a" * 5000)
@@ -162,7 +169,7 @@ def test_a_large_request_body_is_not_taken_for_a_large_head(server):
     assert status == 409 and "tvrn extract" in json.loads(body)["error"]  # this index takes no image files
     head = b"POST /api/query-image HTTP/1.1\r\nHost: x\r\nContent-Length: 40000\r\nConnection: close\r\n\r\n"
     host, port = base.split("//")[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=5) as s:
+    with socket.create_connection((host, int(port)), timeout=30) as s:
         s.sendall(head)
         for _ in range(8):
             s.sendall(b"x" * 5000)
@@ -174,26 +181,28 @@ def test_a_large_request_body_is_not_taken_for_a_large_head(server):
 
 
 @pytest.mark.parametrize("http", ["httptools", "h11"])
-def test_a_trickling_upload_body_gets_408_and_does_not_delay_others(setup, http):  # noqa: F811
-    """Head sent, then 100 of the 40,000 declared body bytes: 408 JSON after the body timeout, the connection
-    closed; meanwhile another client is answered at once."""
+def test_a_trickling_upload_body_gets_408_and_does_not_delay_others(setup, http):
+    """Head sent, then 100 of the 40,000 declared body bytes: 408 JSON after the body timeout (not before), the
+    connection closed; meanwhile another client is answered: its answer comes while the upload is still held."""
     from tvrn.search.service import Limits
 
     if http == "httptools":
         pytest.importorskip("httptools")
-    app = create_app(setup[4], limits=Limits(body_timeout_s=0.5))
+    timeout = 2.0
+    app = create_app(setup[4], limits=Limits(body_timeout_s=timeout))
     with ServerThread(app, http=http) as base:
         host, port = base.split("//")[1].split(":")
-        with socket.create_connection((host, int(port)), timeout=5) as s:
+        with socket.create_connection((host, int(port)), timeout=60) as s:
+            t0 = time.perf_counter()  # before the bytes leave: the server's clock starts after this
             s.sendall(b"POST /api/query-image HTTP/1.1\r\nHost: x\r\nContent-Length: 40000\r\n\r\n" + b"x" * 100)
-            t0 = time.perf_counter()
-            assert request(base, "/api/info")[0] == 200 and time.perf_counter() - t0 < 0.3
+            assert request(base, "/api/info")[0] == 200
+            assert unanswered(s), "the other client was answered only after the stalled upload's 408"
             out = b""
             while chunk := s.recv(65536):  # the server closes after its answer
                 out += chunk
             waited = time.perf_counter() - t0
-    assert out.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in out and b"100 bytes" in out
-    assert 0.3 < waited < 3
+    assert out.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in out and b"100 bytes" in out
+    assert 0.9 * timeout < waited < 30  # not before the body timeout; the upper bound only catches a hang
 
 
 def test_unknown_words_are_listed_and_a_query_of_none_gets_no_hits(server):
@@ -213,48 +222,56 @@ def test_idle_and_half_header_clients_do_not_delay_others_and_are_closed(server)
     half = socket.create_connection((host, int(port)))
     half.sendall(b"GET /api/info HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     try:
-        t0 = time.perf_counter()
         assert request(base, "/api/info")[0] == 200
-        assert time.perf_counter() - t0 < 0.3
-        for s in (idle, half):  # closed by the header timeout (1 s here), no answer
-            s.settimeout(5)
+        # answered while both are still open: the answer did not wait for their header timeout
+        assert unanswered(idle) and unanswered(half), "answered only after the idle clients were closed"
+        for s in (idle, half):  # closed by the header timeout (3 s here), no answer
+            s.settimeout(30)
             assert s.recv(100) == b""
     finally:
         idle.close()
         half.close()
 
 
-def test_model_pool_full_gives_503_while_cheap_requests_stay_fast(setup):  # noqa: F811
+def test_model_pool_full_gives_503_while_cheap_requests_stay_fast(setup):
+    """workers=1, queue=1 and six searches, each held in the model until the test lets them go: one running, one
+    waiting, four refused at once; the page, info and an image are answered while both places are held (before
+    any search is let go: they do not wait for the model)."""
     index = setup[4]
     app = create_app(index, workers=1, queue=1)
     slow = app.state.service.search
+    go = threading.Event()
 
     def search(*a):
-        time.sleep(0.6)
+        go.wait(120)  # held until the cheap requests below have been answered
         return slow(*a)
 
     app.state.service.search = search
-    results, cheap = [], []
+    results = []
     with ServerThread(app) as base:
-        threads = [threading.Thread(target=lambda: results.append(request(base, "/api/search?q=a+cat")))
+        threads = [threading.Thread(target=lambda: results.append(request(base, "/api/search?q=a+cat", timeout=300)))
                    for _ in range(6)]
         for t in threads:
             t.start()
-        time.sleep(0.2)
-        for path in ("/api/info", "/", "/images/1"):
-            t0 = time.perf_counter()
-            assert request(base, path)[0] == 200
-            cheap.append(time.perf_counter() - t0)
-        for t in threads:
-            t.join()
+        try:
+            deadline = time.monotonic() + 120
+            while len(results) < 4 and time.monotonic() < deadline:  # the refusals come at once
+                time.sleep(0.01)
+            assert sorted(r[0] for r in results) == [503] * 4, results
+            for path in ("/api/info", "/", "/images/1"):
+                assert request(base, path)[0] == 200
+            assert len(results) == 4  # the two searches in the pool are still held: the cheap answers came first
+        finally:
+            go.set()
+            for t in threads:
+                t.join()
     codes = sorted(r[0] for r in results)
     assert codes.count(200) == 2 and codes.count(503) == 4  # one running, one waiting, the rest refused
     busy = [r for r in results if r[0] == 503]
     assert all(r[1]["retry-after"] == "1" and "busy" in json.loads(r[2])["error"] for r in busy)
-    assert max(cheap) < 0.1
 
 
-def test_bearer_token_guards_every_api_route(setup):  # noqa: F811
+def test_bearer_token_guards_every_api_route(setup):
     with ServerThread(create_app(setup[4], token="s3cret")) as base:
         for path in ("/api/info", "/api/search?q=cat", "/api/image/1", "/api/openapi.json"):
             status, headers, body = request(base, path)
@@ -268,7 +285,7 @@ def test_bearer_token_guards_every_api_route(setup):  # noqa: F811
         assert request(base, "/images/1", headers={"Authorization": "Bearer s3cret"})[0] == 200
 
 
-def test_non_loopback_host_warns(setup, monkeypatch, capsys):  # noqa: F811
+def test_non_loopback_host_warns(setup, monkeypatch, capsys):
     import tvrn.search.server as srv
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
@@ -300,7 +317,8 @@ def test_model_threads_run_below_the_event_loop_priority():
     assert seen == min(19, own + 5) and os.getpriority(os.PRIO_PROCESS, 0) == own
 
 
-def test_worker_processes_answer_as_threads_do_and_a_dead_worker_is_replaced(setup):  # noqa: F811
+@pytest.mark.slow  # starts model worker processes
+def test_worker_processes_answer_as_threads_do_and_a_dead_worker_is_replaced(setup):
     """The process pool (tvrn serve's default): each worker opens the index itself and runs below the server's
     priority; answers equal the thread pool's to the byte (scores and all), a refusal raised in a worker arrives
     as its JSON error; a worker killed with SIGKILL costs its request a 503 with Retry-After, and the next
@@ -333,7 +351,7 @@ def test_worker_processes_answer_as_threads_do_and_a_dead_worker_is_replaced(set
         status, _, body = request(base, "/api/search?q=a+cat&k=-1")  # ServiceError from the worker
         assert status == 400 and "at least 1" in json.loads(body)["error"]
         os.kill(pids[0], signal.SIGKILL)
-        deadline = time.time() + 10
+        deadline = time.time() + 60  # generous: a loaded machine may be slow to reap the killed worker
         while time.time() < deadline:  # the pool notices the death on its next call
             status, headers, body = request(base, queries[0])
             if status != 200:
@@ -360,7 +378,8 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
-def test_model_workers_end_with_the_server(setup, sig):  # noqa: F811
+@pytest.mark.slow  # a `tvrn serve` process with its workers
+def test_model_workers_end_with_the_server(setup, sig):
     """`tvrn serve` with worker processes: when the server ends, by SIGTERM (graceful) or SIGKILL (no chance to
     clean up), its workers end too, within seconds; none is left holding the model in RAM."""
     import signal
@@ -373,8 +392,8 @@ def test_model_workers_end_with_the_server(setup, sig):  # noqa: F811
         workers = [c for c in _children(proc.pid) if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
         assert len(workers) == 1
         proc.send_signal(getattr(signal, sig))
-        proc.wait(30)
-        deadline = time.time() + 10
+        proc.wait(60)
+        deadline = time.time() + 60  # generous (a loaded machine); a worker left behind never ends
         while time.time() < deadline and not all(_gone(w) for w in workers):
             time.sleep(0.1)
         assert all(_gone(w) for w in workers), sig
@@ -389,7 +408,7 @@ def asyncio_run(coro):
     return asyncio.run(coro)
 
 
-def test_serve_threads_option(setup, monkeypatch, capsys):  # noqa: F811
+def test_serve_threads_option(setup, monkeypatch, capsys):
     import tvrn.search.server as srv
 
     seen = {}
@@ -429,6 +448,7 @@ def rendered(url: str) -> str:
     return _browser(url, "--dump-dom")
 
 
+@pytest.mark.slow  # headless Chromium
 def test_browser_renders_results_and_the_image_view(server):
     """Chromium loads the page with a query in its URL, the page's script calls the API and draws the results:
     the rendered DOM has a card per image (the page asks for 12, the gallery has 12) with its picture and its
@@ -498,6 +518,7 @@ def _on_screen(box, rect):
     return x1, y1, x2, y2
 
 
+@pytest.mark.slow  # headless Chromium
 def test_browser_draws_region_boxes_and_highlights_a_words_regions(server, tmp_path):
     """The explain view in Chromium (screenshots): with no word selected every region box is drawn (cyan pixels
     span the boxes' extent); selecting a word draws its most attended region in magenta, where that region's box

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from _train_toy import PairDataset, ToyModel, make_collate, make_split, make_validate
-from tvrn.train import Trainer, TrainConfig, load_checkpoint, lr_at, seed_everything
+from tvrn.checkpoint import load_checkpoint
+from tvrn.train import Trainer, TrainConfig, lr_at, seed_everything
 
 
 def test_lr_schedule():

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from test_models import MODELS, build, make_images, make_texts, pad_images, pad_texts
+from helpers import MODELS, build, make_images, make_texts, pad_images, pad_texts
 from tvrn.data.batch import PairBatch
 from tvrn.losses import ContrastiveLoss
 from tvrn.scoring import LAST_TRAIN_BACKWARD, score_all_train, train_grid_bytes, train_pair_bytes
@@ -80,11 +80,11 @@ class _Spy:
     2 x 2 grid, are not counted."""
 
     def __init__(self, model, monkeypatch, method="score_pairs", measure="train_pair_bytes"):
-        import tvrn.scoring
+        import tvrn.scoring.train
 
         self.model, self.calls, self.inner, self.measuring = model, [], getattr(model, method), False
         setattr(model, method, self)
-        inner_measure = getattr(tvrn.scoring, measure)
+        inner_measure = getattr(tvrn.scoring.train, measure)
 
         def measured(*args):
             self.measuring = True
@@ -93,7 +93,7 @@ class _Spy:
             finally:
                 self.measuring = False
 
-        monkeypatch.setattr(tvrn.scoring, measure, measured)
+        monkeypatch.setattr(tvrn.scoring.train, measure, measured)
 
     def __call__(self, images, texts):
         if not self.measuring:
@@ -147,7 +147,7 @@ def test_dense_gradient_keeps_the_grid_graph_only_when_it_fits(monkeypatch):
     """With a dense gradient, score_grid once per caption length (cut to it) with its graph kept when what it saves
     for all pairs fits the budget; recomputation otherwise (here in grid blocks: every pair has a gradient).
     The plain path would need more."""
-    from tvrn.scoring import _kept_bytes
+    from tvrn.scoring.train import _kept_bytes
 
     model = build("sgraf_sgr").train()
     images, texts = make_images(4), make_texts(model, 4, lengths=(7, 5, 3, 5))
@@ -169,7 +169,7 @@ def test_dense_gradient_keeps_the_grid_graph_only_when_it_fits(monkeypatch):
 
 
 def test_dense_gradient_takes_the_plain_path_when_it_fits_for_models_without_a_grid(monkeypatch):
-    from tvrn.scoring import _kept_bytes
+    from tvrn.scoring.train import _kept_bytes
 
     model = build("scan_t2i").train()
     images, texts = make_images(4), make_texts(model, 4, lengths=(7, 5, 3, 5))
@@ -196,7 +196,7 @@ def test_dense_gradient_takes_the_plain_path_when_it_fits_for_models_without_a_g
 def test_grid_bytes_are_affine_in_the_block_and_blocks_fit_the_budget():
     """train_grid_bytes(ni, nt) = d + a ni + b nt + c ni nt predicts what a 3 x 4 grid saves (measured) within
     rounding of the measurement, and grid_blocks returns the largest block within a budget."""
-    from tvrn.scoring import _measure_saved_bytes, grid_blocks
+    from tvrn.scoring.train import _measure_saved_bytes, grid_blocks
 
     model = build("tvrn_sgr").train()
     images, texts = make_images(3), make_texts(model, 4, lengths=(5,))
@@ -247,7 +247,7 @@ def test_model_forward_with_a_budget_trains_like_the_plain_path(tmp_path):
 
 
 def test_score_path_follows_the_gradient_density():
-    from tvrn.train.trainer import ScorePath
+    from tvrn.train.task import ScorePath
 
     path = ScorePath(64.0, sparse_loss=True)
     assert path.forward_kwargs(warmup=False) == {"memory_budget_mb": 64.0, "dense_gradient": False}
@@ -258,7 +258,7 @@ def test_score_path_follows_the_gradient_density():
     g[:2] = 1.0  # half of the pairs get a gradient
     s.backward(g)
     assert path.density == 0.5 and path.forward_kwargs(warmup=False)["dense_gradient"]
-    assert ScorePath(None, sparse_loss=True).forward_kwargs(False) == {}
+    assert ScorePath(None, sparse_loss=True).forward_kwargs(False) == {"memory_budget_mb": None}  # the plain path
 
 
 @pytest.mark.parametrize("name", ["tvrn_sgr", "sgraf_sgr", "scan_t2i"])

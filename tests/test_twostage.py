@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from test_models import build, make_images, make_texts
+from helpers import build, make_images, make_texts
 from tvrn.evaluation import evaluate
 from tvrn.metrics import i2t_ranks, t2i_ranks
 from tvrn.scoring import score_all

@@ -3,12 +3,19 @@
     import tvrn
     scores = tvrn.load("models/tvrn-synth").similarity(images, ["a red cat on a mat"])  # (n_images, n_texts)
     model, tokenizer = tvrn.load_model("models/tvrn-synth")  # a folder, a checkpoint or "hf-hub:ORG/NAME"
+    model = tvrn.create_model("tvrn_sgr", embed_size=256); tvrn.list_models()
+    S = tvrn.score_all(model, tvrn.encode_images(model, image_batches), tvrn.encode_texts(model, text_batches))
 
-`load`, `load_model` and `export_model` live in `tvrn.export` (docs/export.md), imported on first use.
+The names the README's Python API uses, imported on first use (`import tvrn` stays light): `load` (tvrn.api),
+`load_model` (tvrn.checkpoint), `export_model` (tvrn.export), `create_model`, `list_models` (tvrn.models),
+`encode_images`, `encode_texts`, `score_all` (tvrn.scoring), `evaluate` (tvrn.evaluation). The layers beneath
+are described in docs/architecture.md.
 """
 __version__ = "0.1.0"
 
-_LAZY = {"load": "export", "load_model": "export", "export_model": "export"}
+_LAZY = {"load": "api", "load_model": "checkpoint", "export_model": "export", "create_model": "models",
+         "list_models": "models", "encode_images": "scoring", "encode_texts": "scoring", "score_all": "scoring",
+         "evaluate": "evaluation"}
 __all__ = ["__version__", *_LAZY]
 
 
@@ -18,3 +25,7 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -1,11 +1,13 @@
 """Run configuration: presets are JSON data; flags override them; the resolved config is saved with the run.
 
-A run config has three sections:
+A run config has three sections, each with fixed, typed keys:
 
-    {"model": {"name": "tvrn_sgr", ...model config overrides...},
-     "data":  {"root": ..., "vocab": ..., "train_split": "train", "dev_split": "dev", ...},
-     "train": {...tvrn.train.TrainConfig fields...},
-     "eval":  {"split": "test", "protocol": "f30k_1k"}}
+    {"model": {"name": "tvrn_sgr", ...tvrn.models.ModelConfig fields...},
+     "data":  {...DataConfig fields: "root", "vocab", "train_split", "dev_split", ...},
+     "train": {...TrainConfig fields...}}
+
+`resolve_config` fills in the defaults; `check_resume` is the one rule for whether a run may be resumed with
+another config (the run folder's run.json, and the checkpoint's own config, both go through it).
 
 Presets ship inside the package (`tvrn/configs/*.json`, listed by `list_presets()`); a config argument is a
 preset name or a path to a JSON file. A preset may name a parent with `"base": "other_preset"`; the child's
@@ -14,13 +16,37 @@ values are merged over the parent's.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
-from .fileio import atomic_write
+from .fileio import write_json
+
+
+@dataclass
+class DataConfig:
+    """The run config's data section: where the features are and how evaluation batches them."""
+
+    root: Optional[str] = None  # precomp folder (SPLIT_ims.npy, SPLIT_caps.txt, ...)
+    vocab: Optional[str] = None  # SCAN vocabulary JSON; default ROOT/vocab.json (GRU text encoders only)
+    train_split: str = "train"
+    dev_split: str = "dev"  # COCO: "dev_5k" (the first 5000 dev captions, as everyone does)
+    adjacency_threshold: float = 0.2  # IoU threshold of the spatial adjacency (the official script's value)
+    glove: bool = False  # initialise GRU word vectors from GloVe 6B 50d (needs model.word_dim=50)
+    eval_batch_size: int = 128  # images / captions per encode batch at evaluation
+    block_images: int = 128  # scorer block: images x captions scored at once
+    block_texts: int = 512
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown data config keys: {sorted(unknown)}")
+        return cls(**d)
 
 
 class ConfigError(ValueError):
@@ -113,29 +139,24 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
     return out
 
 
-SECTIONS = ("model", "data", "train", "eval")  # the sections of a run config (module doc)
-CHECKED_SECTIONS = ("model", "train", "data")  # those whose keys are fixed fields
+SECTIONS = ("model", "data", "train")  # the sections of a run config (module doc)
+CHECKED_SECTIONS = SECTIONS  # every key is a field
 
 
 def known_keys() -> dict[str, dict[str, Any]]:
-    """Section -> {key: expected type (a typing annotation; None: anything)} for the sections whose keys are
-    fixed: `model` (tvrn.models.ModelConfig), `train` (tvrn.train.TrainConfig), `data` (tvrn.pipeline's
-    DEFAULT_DATA)."""
-    import dataclasses
+    """Section -> {key: expected type (a typing annotation; None: anything)}: `model` (tvrn.models.ModelConfig),
+    `train` (TrainConfig), `data` (DataConfig)."""
     import typing
 
-    from .models import ModelConfig  # imported here: the models, train and pipeline modules import this one
-    from .pipeline import DEFAULT_DATA
-    from .train import TrainConfig
+    from .models.config import ModelConfig
 
     out = {}
-    for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
         try:
             hints = typing.get_type_hints(cls)
         except Exception:  # an annotation that does not evaluate: check the names only
             hints = {}
         out[section] = {f.name: hints.get(f.name) for f in dataclasses.fields(cls)}
-    out["data"] = {k: (None if v is None else float if type(v) is float else type(v)) for k, v in DEFAULT_DATA.items()}
     return out
 
 
@@ -242,8 +263,7 @@ def check_config(config: dict, where: str = "config") -> None:
 
 def save_config(config: dict, path) -> None:
     """Write the resolved config as JSON, atomically (temporary file renamed into place)."""
-    data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    atomic_write(path, lambda f: f.write(data))
+    write_json(path, config, indent=2, sort_keys=True)
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -277,3 +297,119 @@ class _Missing:
 
 
 _MISSING = _Missing()
+
+
+# ------------------------------------------------------------------------------------------------ training
+@dataclass
+class TrainConfig:
+    """Training settings; JSON-able (dataclasses.asdict). Defaults: batch 128, the hardest-negative loss (VSE++
+    max violation, summed over queries), the TVRN authors' lr schedule (2e-4, x0.05 at epoch 20) and gradient
+    clipping (2.0). The defaults are not the authors' whole recipe: they trained with batch 64 and the published
+    loss (loss_mode="published", docs/training.md), which the `*_published_*` presets carry."""
+
+    epochs: int = 50  # official: up to 50 epochs
+    lr: float = 2e-4  # Adam learning rate before the first milestone
+    lr_milestones: list[int] = field(default_factory=lambda: [20])  # epochs (0-based) at which the lr drops
+    lr_gamma: float = 0.05  # factor per milestone: 2e-4 -> 1e-5 at epoch 20 is the official schedule
+    lr_values: Optional[list[float]] = None  # explicit lr per phase (len(milestones) + 1); overrides lr, gamma
+    warmup_steps: int = 0  # linear warmup over the first optimiser steps (0: none)
+    grad_clip: float = 2.0  # max global gradient norm (0: no clipping)
+    batch_size: int = 128  # pairs per batch and per process (the loss sees B x B scores)
+    loss_mode: str = "max"  # "max" (VSE++ hardest negative), "sum" (all negatives' hinges), "smooth" (a smooth
+                            # hinge per query, log(1 + sum exp(v / tau)), unclamped) or "published" (the TVRN
+                            # authors' clamped cross-entropy over all negatives, docs/training.md)
+    margin: float = 0.2  # hinge margin
+    loss_tau: float = 0.05  # temperature of the smooth and published losses
+    loss_reduction: str = "sum"  # "sum" over queries (VSE++/SCAN convention) or "mean" (the authors' published loss)
+    loss_exclude_same_image: bool = True  # captions of the same image in a batch are not negatives of each other
+                                          # (tvrn's convention); false: only the diagonal pair is positive, as in
+                                          # the authors' published loss
+    sum_loss_epochs: int = 0  # first epochs sum over all negatives before loss_mode applies: the hardest-
+                             # negative loss from a random start collapses (all scores equal; VSE-infinity warms up too)
+    amp: str = "bf16"  # CUDA only: "bf16" autocast, "fp16" autocast + GradScaler, or "none"; CPU runs fp32
+    seed: int = 0  # seeds python/numpy/torch (+ rank) and the data order
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True): resume is bit-exact
+    patience: int = 8  # early stop after this many epochs without dev RSUM improvement (0: never)
+    save_every_steps: int = 0  # also write last.pt every N optimiser steps, mid-epoch (0: epoch ends only)
+    log_every_steps: int = 0  # write a train-loss line to metrics.jsonl every N steps (0: epoch lines only)
+    num_workers: int = 0  # DataLoader worker processes (built-in loader only)
+    drop_last: bool = False  # drop the last incomplete batch of each epoch (built-in loader only)
+    find_unused_parameters: bool = False  # DDP: needed when some modules are switched off in the forward
+    tensorboard: bool = True  # also log to TensorBoard when the tensorboard package is importable
+    out_dir: str = "runs/tvrn"  # checkpoints, config.json and metrics.jsonl go here
+    memory_budget_mb: Optional[float] = 512.0  # working memory of a step's pair work: the (B, B) scores in blocks
+                                               # (fast path), recomputed in backward where the gradient is non-zero
+                                               # (tvrn.scoring.score_all_train); null: the plain path, which keeps
+                                               # the activations of all B x B pairs
+    global_negatives: bool = True  # DDP: each rank's images against every rank's captions and the reverse, so the
+                                   # loss is the global batch's (world x batch_size pairs), as one process would
+                                   # train; false: each rank's own B x B only
+    partner_file: Optional[str] = None  # JSON list, for each training image its hard-negative partner image or -1:
+                                       # batches then hold partners' captions together (tvrn.train.sampling);
+                                       # null: a uniform shuffle
+    shortlist_loss_weight: float = 0.0  # > 0: add weight * sum-hinge loss on the (B, B) cosines of the model's
+                                       # shortlist embeddings, which two-stage search uses (tvrn.search)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+# TrainConfig fields a resume may change: how long to train and how to log or load, not what is computed
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "tensorboard", "log_every_steps", "save_every_steps", "out_dir")
+# run-config keys whose values are paths: a resume compares the files they name, not how they are spelled
+# (data/synth and /home/me/data/synth, or a symlink to it, are the same folder)
+PATH_KEYS = ("data.root", "data.vocab", "train.partner_file")
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """Dotted keys of a checkpoint's config ({"model_name", "model", "train"}) that a resume with `current` would
+    change, leaving out RESUME_MAY_CHANGE and the PATH_KEYS that name the same file (resolved paths equal)."""
+    saved = saved or {}
+    keys = config_differences(saved, current)
+    return [k for k in keys if not (k.startswith("train.") and k[len("train."):] in RESUME_MAY_CHANGE)
+            and not _new_field_at_default(saved, current, k) and not _same_path(saved, current, k)]
+
+
+def _same_path(saved: dict, current: dict, key: str) -> bool:
+    """Whether a PATH_KEYS key names the same file in both configs, spelled differently (relative / absolute,
+    through a symlink, with ./ or a trailing slash): resolved against the working directory."""
+    if key not in PATH_KEYS:
+        return False
+    section, _, name = key.partition(".")
+    a, b = (saved.get(section) or {}).get(name), (current.get(section) or {}).get(name)
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _new_field_at_default(saved: dict, current: dict, key: str) -> bool:
+    """A config key the saved run predates (absent there) whose current value is the field's default: the
+    run was made before the field existed and behaved as its default does."""
+    from dataclasses import MISSING, fields
+
+    section, _, name = key.partition(".")
+    if section not in ("train", "model") or "." in name or name in (saved.get(section) or {}):
+        return False
+    if section == "train":
+        cls = TrainConfig
+    else:
+        from .models.config import ModelConfig as cls
+    for f in fields(cls):
+        if f.name == name:
+            default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
+                                                                  else MISSING)
+            return (current.get(section) or {}).get(name, MISSING) == default
+    return False
+
+
+def check_resume(saved: dict, current: dict, what: str, hint: str) -> None:
+    """The one resume rule: refuse (ConfigError "WHAT (KEY: OLD -> NEW, ...); HINT") when `current` differs from
+    the `saved` config in a key `resume_conflicts` reports."""
+    conflicts = resume_conflicts(saved, current)
+    if conflicts:
+        raise ConfigError(f"{what} ({describe_differences(saved, current, conflicts)}); {hint}")

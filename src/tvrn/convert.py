@@ -303,7 +303,7 @@ def convert_file(source: str, path: str | os.PathLike, out: str | os.PathLike, v
                  bert_path: Optional[str] = None) -> dict:
     """Convert the official checkpoint at `path` and write the tvrn checkpoint to `out` (atomically)."""
     from .data import Vocabulary
-    from .train.checkpoint import atomic_save
+    from .checkpoint import atomic_save
 
     ckpt = load_official(path)
     vocab = Vocabulary.load(vocab_path) if vocab_path else None

@@ -17,10 +17,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .checkpoint import load_trained
 from .data import load_split
-from .evaluation import write_json
-from .pipeline import can_resume, load_trained, resolve_config, run_environment, score_split, train_from_config
-from .evaluation import evaluate
+from .evaluation import evaluate, score_split
+from .fileio import write_json
+from .pipeline import can_resume, resolve_config, run_environment, train_from_config
 
 
 @dataclass
@@ -32,21 +33,21 @@ class DemoEntry:
 DEMO_ENTRIES = (  # the first entry's run is indexed for `tvrn serve`
     # TVRN without gradient clipping: with the sum loss, clipping at 2.0 kept it at its start-up plateau for one
     # to three epochs depending on float rounding (test RSUM 449-490 after six epochs across threads and CPU
-    # kernels); unclipped it leaves it in the first epoch (462-474). README, "Demo results".
+    # kernels); unclipped it leaves it in the first epoch (462-474). docs/demo.md.
     DemoEntry("TVRN", ["model.name=tvrn_sgr", "train.grad_clip=0"]),
     DemoEntry("SGRAF (SGR)", ["model.name=sgraf_sgr"]),
     DemoEntry("VSE", ["model.name=vse"]),
 )
 
 # printed under the table by `tvrn demo`: what the numbers mean and how far they move between machines
-# (measured: README, "Demo results")
+# (measured: docs/demo.md)
 TABLE_NOTE = (
     "Six epochs of each model, train.seed 0, best dev checkpoint. Identical to the digit for the same thread count\n"
     "and CPU kernels (run.json: env.threads, env.cpu_capability). Measured with 1 and 2 threads and with AVX2\n"
     "instead of AVX-512 kernels: VSE's row did not move, SGRAF's moved by at most 2.4 RSUM (twin accuracy 1.2),\n"
     "TVRN's by up to 12 RSUM (462-474; twin accuracy 51.6-55.4): TVRN is past its start-up, but its row is not\n"
-    "yet within +-3. Which model is better, and whether TVRN's modules bind attributes (twin accuracy): README,\n"
-    "'Module study' (ten epochs, three seeds).")
+    "yet within +-3. Which model is better, and whether TVRN's modules bind attributes (twin accuracy):\n"
+    "docs/study.md (ten epochs, three seeds).")
 
 
 def twin_accuracy(scores: torch.Tensor, caption_to_image: torch.Tensor, twin_of: np.ndarray) -> Optional[float]:

@@ -1,8 +1,9 @@
-"""Evaluation protocols on a score matrix, ensembles, saved score matrices and result files.
+"""Evaluation: a model's all-pairs scores of a split (`encode_split`, `score_split`, split across ranks under
+torchrun), the protocols on a score matrix, ensembles and saved score matrices.
 
 scores: (Ni, Nt) float, rows images, columns captions; caption_to_image: (Nt,) long.
 
-Protocols (DESIGN 6):
+Protocols (README "Protocols"):
 - "f30k_1k": Flickr30K test split as is (1000 images x 5000 captions), all pairs.
 - "coco_1k": COCO testall in 5 folds of 1000 consecutive images with their captions (1000 x 5000); metrics
              are the mean over folds; the per-fold metrics are returned under "folds".
@@ -15,16 +16,19 @@ COCO_1K_FOLD_IMAGES images (Ni = 5000): smaller folds rank each query among fewe
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
+from torch import nn
+
+from .data import PrecompSplit, iter_image_batches, iter_text_batches
+from .distributed import all_reduce_sum_, dist_info
 from .fileio import atomic_write
 from .metrics import METRIC_NAMES, retrieval_metrics
+from .scoring import encode_images, encode_texts, score_all
 
 PROTOCOLS = ("f30k_1k", "coco_1k", "coco_5k", "all")
 COCO_1K_FOLDS, COCO_1K_FOLD_IMAGES = 5, 1000  # coco_1k: 5 folds of 1000 images (COCO testall, 5000 images)
@@ -112,7 +116,32 @@ def save_scores(path: str | os.PathLike, scores: torch.Tensor) -> None:
     atomic_write(path, lambda f: np.save(f, arr))
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write a JSON document atomically (temp file + os.replace), so a reader never sees half a file."""
-    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
-    atomic_write(path, lambda f: f.write(data))
+@torch.no_grad()
+def encode_split(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, device=None, progress: bool = False):
+    """Per-image and per-caption work of a split -> (EncodedImages (N_img), EncodedTexts (N_caps))."""
+    bs = int(data.get("eval_batch_size", 128))
+    thr = float(data.get("adjacency_threshold", 0.2))
+    enc_i = encode_images(model, iter_image_batches(split, bs, adjacency_threshold=thr), device=device,
+                          progress=progress)
+    enc_t = encode_texts(model, iter_text_batches(split, tokenizer, bs), device=device, progress=progress)
+    return enc_i, enc_t
+
+
+@torch.no_grad()
+def score_split(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, device=None,
+                progress: bool = False, encoded=None) -> torch.Tensor:
+    """All-pairs scores of a split -> (N_img, N_caps) float32 on the CPU, through the one scorer.
+    encoded: (enc_i, enc_t) from `encode_split` if already computed.
+
+    Under torch.distributed (world > 1) the work is split across the ranks: each rank encodes the split (or takes
+    `encoded`), scores its share of the scorer's block plan (`score_all(shard=...)`: contiguous, cost-balanced
+    (caption block, image chunk) units of the whole gallery's plan), and the zero-padded shards are summed, so
+    every rank gets the single-process matrix bit for bit (collective: every rank must call it;
+    tests/test_distributed.py)."""
+    info = dist_info()
+    kw = dict(block_images=int(data.get("block_images", 128)), block_texts=int(data.get("block_texts", 512)),
+              device=device, progress=progress and info.is_main)
+    enc_i, enc_t = encoded or encode_split(model, split, tokenizer, data, device=device, progress=kw["progress"])
+    if info.enabled:
+        return all_reduce_sum_(score_all(model, enc_i, enc_t, shard=(info.rank, info.world_size), **kw))
+    return score_all(model, enc_i, enc_t, **kw)

@@ -1,16 +1,19 @@
-"""Files that matter: atomic writes (a temporary file in the destination folder, fsync, then os.replace, so a
-reader, or a run resumed after a kill, sees the old file or the new one, never half of one), and checked loading
-of torch files (what is wrong with a file that is empty, truncated, damaged or no checkpoint at all, by its path,
+"""The one I/O module. Files that matter: atomic writes (a temporary file in the destination folder, fsync, then
+os.replace, so a reader, or a run resumed after a kill, sees the old file or the new one, never half of one) of
+bytes, text and JSON; sha256 of files; temporaries of killed writers; and checked loading of torch files (what is wrong with a file that is empty, truncated, damaged or no checkpoint at all, by its path,
 before torch's own message and advice can reach a user)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Optional
+
+import numpy as np
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], mode: int = 0o644) -> None:
@@ -29,6 +32,143 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], m
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+class NpyRows:
+    """Rows of a C-ordered `.npy` file, read on demand with positional reads (pread): no memory map, so a process
+    holds the rows it asked for and nothing else (the kernel's page cache still speeds up repeated reads).
+    Thread-safe, and fork-safe (a forked worker reopens the file; pickling drops the descriptor).
+
+        rows = NpyRows("test_ims.npy")          # (N, *row_shape), the header only is read here
+        rows[a:b], rows[i], rows[idx]           # idx: (n,) int, any order, repeats allowed -> (n, *row_shape)
+
+    A file that is not a `.npy` array, truncated, Fortran-ordered or 0-d is refused on opening with
+    `error(path, problem)` (default: ValueError "PATH: PROBLEM"): the data layer passes its FeatureFileError."""
+
+    def __init__(self, path: str | os.PathLike, error: Optional[Callable[[str, str], Exception]] = None):
+        self.path = str(path)
+        self._error = error or _path_error
+        try:  # the header only
+            with open(self.path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read is None:
+                    raise ValueError(f"unsupported .npy format version {version}")
+                shape, fortran, dtype = read(f)
+                self.offset: int = f.tell()
+                size = os.fstat(f.fileno()).st_size
+        except (ValueError, OSError, EOFError) as e:  # not a .npy file, unreadable
+            raise self._error(self.path, f"cannot open as a .npy array ({e})") from None
+        if fortran or len(shape) < 1:
+            raise self._error(self.path, "expected a C-ordered array with at least one axis")
+        self.shape: tuple[int, ...] = tuple(shape)
+        self.dtype: np.dtype = np.dtype(dtype)
+        self.row_shape = self.shape[1:]
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        need = self.offset + self.shape[0] * self.row_bytes
+        if size < need:  # refused on opening, not by the first read that reaches the missing bytes
+            raise self._error(self.path, f"cannot open as a .npy array (truncated: {size} bytes, the header needs "
+                                         f"{need})")
+        self._fd: Optional[int] = None
+        self._pid: Optional[int] = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # reopen in a forked worker: no shared state
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fd"] = state["_pid"] = None
+        return state
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+    def _read_into(self, buf: np.ndarray, first_row: int) -> None:
+        """Fill buf (a C-contiguous block of whole rows) from the file starting at first_row."""
+        view = memoryview(buf.reshape(-1).view(np.uint8))
+        pos, done = self.offset + first_row * self.row_bytes, 0
+        fd = self._file()
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], pos + done)
+            if n == 0:
+                raise self._error(self.path, f"file is truncated (rows from {first_row} are missing)")
+            done += n
+
+    def rows(self, file_rows) -> np.ndarray:
+        """file_rows (n,) int -> (n, *row_shape) array, in the order given (repeats allowed; negative indices
+        are not)."""
+        file_rows = np.asarray(file_rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(file_rows),) + self.row_shape, dtype=self.dtype)
+        if len(file_rows) == 0:
+            return out
+        if file_rows.min() < 0 or file_rows.max() >= len(self):
+            raise IndexError(f"rows out of range 0..{len(self) - 1} in {self.path}")
+        order = np.argsort(file_rows, kind="stable")
+        sorted_rows = file_rows[order]
+        if np.array_equal(order, np.arange(len(order))) and np.all(np.diff(sorted_rows) == 1):
+            self._read_into(out, int(sorted_rows[0]))  # the common case: one contiguous run, read in place
+            return out
+        # group the sorted rows into contiguous runs (repeats are read once), one read per run
+        unique_rows, inverse = np.unique(sorted_rows, return_inverse=True)
+        block = np.empty((len(unique_rows),) + self.row_shape, dtype=self.dtype)
+        breaks = np.flatnonzero(np.diff(unique_rows) != 1) + 1
+        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(unique_rows)]):
+            self._read_into(block[start:stop], int(unique_rows[start]))
+        out[order] = block[inverse.reshape(-1)]
+        return out
+
+    def __getitem__(self, key) -> np.ndarray:
+        n = self.shape[0]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                raise IndexError("NpyRows: slices with a step are not supported")
+            out = np.empty((max(0, stop - start), *self.row_shape), self.dtype)
+            if len(out):
+                self._read_into(out, start)
+            return out
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + n if key < 0 else int(key)
+            if not 0 <= i < n:
+                raise IndexError(f"row {key} out of range for {n} rows of {self.path}")
+            return self[i : i + 1][0]
+        idx = np.asarray(key)
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise IndexError(f"NpyRows: index with a slice, an int or a 1-D integer array, got {idx.dtype} {idx.shape}")
+        idx = np.where(idx < 0, idx + n, idx)
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"rows out of range for {n} rows of {self.path}")
+        return self.rows(idx)
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[0 : self.shape[0]]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def _path_error(path: str, problem: str) -> Exception:
+    return ValueError(f"{path}: {problem}")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 text written atomically (`atomic_write`)."""
+    data = text.encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs) -> None:
+    """A JSON document (UTF-8, one trailing newline) written atomically. dumps_kwargs: json.dumps options
+    (default indent=2)."""
+    write_text(path, json.dumps(obj, **{"indent": 2, **dumps_kwargs}) + "\n")
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6: a zip archive (torch.load tells them apart by this)
@@ -183,7 +323,7 @@ def _load_failure(path, e: BaseException, allowed: str) -> str:
 def load_torch_file(path, error, allowed: str, safe_globals=(), map_location: Any = "cpu") -> Any:
     """torch.load(path, weights_only=True) after `_check_checkpoint_file`; any failure -> error(message naming the
     path and what is wrong with the file), never torch's own advice. Used by `load_official` and by
-    `tvrn.train.checkpoint.load_checkpoint`. allowed: the types accepted, in words, for a refused global."""
+    `tvrn.checkpoint.load_checkpoint`. allowed: the types accepted, in words, for a refused global."""
     import warnings
 
     import torch

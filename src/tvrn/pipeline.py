@@ -15,47 +15,26 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError, apply_overrides, describe_differences, load_config, save_config
-from .data import PairDataset, PrecompSplit, Vocabulary, iter_image_batches, iter_text_batches, load_split
-from .evaluation import check_protocol_split, ensemble, evaluate, evaluate_protocol, load_scores
-from .models import BertTokenizer, create_model, glove_vectors
+from .config import (ConfigError, DataConfig, TrainConfig, apply_overrides, check_resume, load_config,
+                     resume_conflicts, save_config)
+from .data import PairDataset, PrecompSplit, Vocabulary, iter_text_batches, load_split
+from .evaluation import (check_protocol_split, encode_split, ensemble, evaluate, evaluate_protocol, load_scores,
+                         score_split)
+from .models import create_model, glove_vectors
 from .scoring import encode_images, encode_texts, score_all
-from .train.checkpoint import load_checkpoint
-from .train.distributed import all_reduce_sum_, dist_info, init_distributed
-from .train.trainer import TrainConfig, Trainer, resume_conflicts, seed_everything
-
-DEFAULT_DATA = {
-    "root": None,  # precomp folder (SPLIT_ims.npy, SPLIT_caps.txt, ...)
-    "vocab": None,  # SCAN vocabulary JSON; default ROOT/vocab.json (GRU text encoders only)
-    "train_split": "train",
-    "dev_split": "dev",  # COCO: "dev_5k" (the first 5000 dev captions, as everyone does)
-    "adjacency_threshold": 0.2,  # IoU threshold of the spatial adjacency (the official script's value)
-    "glove": False,  # initialise GRU word vectors from GloVe 6B 50d (needs model.word_dim=50)
-    "eval_batch_size": 128,  # images / captions per encode batch at evaluation
-    "block_images": 128,  # scorer block: images x captions scored at once
-    "block_texts": 512,
-}
-DEFAULT_EVAL = {"split": "test", "protocol": "all"}
-
+from .checkpoint import build_tokenizer, check_model_fits_split, load_trained
+from .distributed import init_distributed
+from .train.trainer import Trainer, seed_everything
 
 def resolve_config(config: str | dict, overrides: Sequence[str] = ()) -> dict:
     """Preset name, JSON path or dict -> a full run config with defaults filled in and overrides applied."""
     cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else dict(config)
     cfg = apply_overrides(cfg, overrides)
     cfg.setdefault("model", {}).setdefault("name", "tvrn_sgr")
-    cfg["data"] = {**DEFAULT_DATA, **cfg.get("data", {})}
-    cfg["eval"] = {**DEFAULT_EVAL, **cfg.get("eval", {})}
+    cfg.pop("eval", None)  # a section of earlier versions that nothing read
+    cfg["data"] = dataclasses.asdict(DataConfig.from_dict(cfg.get("data", {})))
     TrainConfig.from_dict(cfg.setdefault("train", {}))  # unknown train keys fail here, naming them
     return cfg
-
-
-def build_tokenizer(model_config, vocab: Optional[Vocabulary]):
-    """The model's tokenizer: the SCAN vocabulary for GRU encoders, the word-piece tokenizer for BERT."""
-    if model_config.text_encoder == "bert":
-        return BertTokenizer(model_config.bert_path)
-    if vocab is None:
-        raise ValueError("a GRU text encoder needs a vocabulary (data.vocab or ROOT/vocab.json)")
-    return vocab
 
 
 def uses_bert(cfg: dict) -> bool:
@@ -85,37 +64,6 @@ def build_model(cfg: dict, feature_size: int, vocab: Optional[Vocabulary]) -> nn
         vectors, found = glove_vectors(vocab.idx2word)
         model.txt_enc.load_word_vectors(vectors, found)  # every GRU model keeps its text encoder as txt_enc
     return model
-
-
-@torch.no_grad()
-def encode_split(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, device=None, progress: bool = False):
-    """Per-image and per-caption work of a split -> (EncodedImages (N_img), EncodedTexts (N_caps))."""
-    bs = int(data.get("eval_batch_size", 128))
-    thr = float(data.get("adjacency_threshold", 0.2))
-    enc_i = encode_images(model, iter_image_batches(split, bs, adjacency_threshold=thr), device=device,
-                          progress=progress)
-    enc_t = encode_texts(model, iter_text_batches(split, tokenizer, bs), device=device, progress=progress)
-    return enc_i, enc_t
-
-
-@torch.no_grad()
-def score_split(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, device=None,
-                progress: bool = False, encoded=None) -> torch.Tensor:
-    """All-pairs scores of a split -> (N_img, N_caps) float32 on the CPU, through the one scorer.
-    encoded: (enc_i, enc_t) from `encode_split` if already computed.
-
-    Under torch.distributed (world > 1) the work is split across the ranks: each rank encodes the split (or takes
-    `encoded`), scores its share of the scorer's block plan (`score_all(shard=...)`: contiguous, cost-balanced
-    (caption block, image chunk) units of the whole gallery's plan), and the zero-padded shards are summed, so
-    every rank gets the single-process matrix bit for bit (collective: every rank must call it;
-    tests/test_distributed.py)."""
-    info = dist_info()
-    kw = dict(block_images=int(data.get("block_images", 128)), block_texts=int(data.get("block_texts", 512)),
-              device=device, progress=progress and info.is_main)
-    enc_i, enc_t = encoded or encode_split(model, split, tokenizer, data, device=device, progress=kw["progress"])
-    if info.enabled:
-        return all_reduce_sum_(score_all(model, enc_i, enc_t, shard=(info.rank, info.world_size), **kw))
-    return score_all(model, enc_i, enc_t, **kw)
 
 
 def published_adjacency_source(caption_to_image, n_images: int, shard: int = 100) -> torch.Tensor:
@@ -190,7 +138,7 @@ def train_from_config(cfg: dict, out_dir: str | os.PathLike, resume: bool | str 
     vocab = None if uses_bert(cfg) else Vocabulary.load(_vocab_path(data))
     run = run_config(cfg, out_dir)
     tcfg = TrainConfig.from_dict(run["train"])
-    check_resume(run, out_dir, resume)
+    check_run_resume(run, out_dir, resume)
     dist = init_distributed()
     # train.seed decides the initial weights: seed before anything random is built (torch seeds its default
     # generator from the OS in every new process). Every rank builds the same weights; the trainer then
@@ -257,28 +205,28 @@ def saved_run_config(out_dir: str | os.PathLike) -> Optional[dict]:
         return None
     saved = load_config(str(path))
     saved.pop("env", None)
+    saved.pop("eval", None)  # a section of earlier versions that nothing read
     return saved
 
 
 def resume_conflicts_of_run(run: dict, out_dir: str | os.PathLike) -> list[str]:
     """Dotted keys in which `run` (a resolved run config) differs from the run saved in out_dir, leaving out
-    the train keys a resume may change (tvrn.train.trainer.RESUME_MAY_CHANGE); [] if none is saved."""
+    the train keys a resume may change (tvrn.config.RESUME_MAY_CHANGE); [] if none is saved."""
     saved = saved_run_config(out_dir)
     if saved is None:
         return []
     return resume_conflicts(saved, run)
 
 
-def check_resume(run: dict, out_dir: str | os.PathLike, resume: bool | str) -> None:
-    """Refuse to resume a run in out_dir with another config, naming the keys that differ."""
+def check_run_resume(run: dict, out_dir: str | os.PathLike, resume: bool | str) -> None:
+    """Refuse to resume a run in out_dir with another config, naming the keys that differ (`config.check_resume`)."""
     if not resume or (resume is True and not (Path(out_dir) / "last.pt").exists()):
         return  # a fresh start
-    conflicts = resume_conflicts_of_run(run, out_dir)
-    if conflicts:
-        raise ConfigError(f"cannot resume the run in {out_dir}: its run.json differs in "
-                          f"{describe_differences(saved_run_config(out_dir), run, conflicts)}; resume with the "
-                          f"run's own settings (tvrn train --config {Path(out_dir) / 'run.json'} --resume) or "
-                          f"choose a new --out")
+    saved = saved_run_config(out_dir)
+    if saved is not None:
+        check_resume(saved, run, f"cannot resume the run in {out_dir}: its run.json differs",
+                     f"resume with the run's own settings (tvrn train --config {Path(out_dir) / 'run.json'} "
+                     f"--resume) or choose a new --out")
 
 
 def _partner_order_fn(tcfg: TrainConfig, split: PrecompSplit) -> Optional[Callable[[int], list]]:
@@ -300,60 +248,6 @@ def _partner_order_fn(tcfg: TrainConfig, split: PrecompSplit) -> Optional[Callab
                           f"(one per training image)")
     c2i = split.caption_to_image
     return lambda epoch: partner_order(c2i, partners, tcfg.seed, epoch)
-
-
-def model_from_checkpoint(ckpt: dict, source: str = "<checkpoint>"):
-    """A checkpoint dict (config.model_name, config.model, model state dict, optional vocab) -> (model in eval
-    mode, tokenizer). source names the file in errors."""
-    config = ckpt.get("config") or {}
-    if not config.get("model_name") or not config.get("model"):
-        raise ValueError(f"checkpoint {source} has no model config (config.model_name / config.model)")
-    model = create_model(config["model_name"], **config["model"])
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    vocab = Vocabulary.from_json_dict(ckpt["vocab"], source=source) if ckpt.get("vocab") else None
-    return model, build_tokenizer(model.config, vocab)
-
-
-def check_model_fits_split(model: nn.Module, split: PrecompSplit, checkpoint: str | os.PathLike = "<checkpoint>") \
-        -> None:
-    """Refuse, before anything is encoded, a model whose image input does not fit the split's features
-    (ValueError naming the checkpoint, the features file and both sizes): model.img_dim against the features'
-    size Dv, and, for SGRAF's BatchNorm image pooling (image_pool_norm="batch", fixed token slots), the slots
-    against the tokens the split gives (2 x R with module 1, unify, on: [V; M]; else R). `tvrn eval` and
-    `tvrn index` call it."""
-    cfg = getattr(model, "config", None)
-    img_dim = getattr(cfg, "img_dim", None)
-    file = getattr(split, "features_file", f"split {getattr(split, 'split', '?')!r}")
-    if img_dim is not None and int(img_dim) != split.feature_size:
-        raise ValueError(f"checkpoint {checkpoint} takes image features of size {img_dim} (model.img_dim), but "
-                         f"{file} has features of size {split.feature_size} ({split.num_regions} regions x "
-                         f"{split.feature_size}): the model was trained on data of another feature extraction; use "
-                         f"it with data of size {img_dim}, or train a model on this data")
-    if getattr(cfg, "image_pool_norm", None) == "batch":
-        regions = split.num_regions
-        unify = bool(getattr(cfg, "unify", False))
-        tokens = 2 * regions if unify else regions
-        if int(cfg.image_pool_tokens) != tokens:
-            how = f"2 x {regions} regions with module 1 (unify) on" if unify else f"{regions} regions"
-            raise ValueError(f"checkpoint {checkpoint} pools images with BatchNorm over {cfg.image_pool_tokens} "
-                             f"token slots (model.image_pool_norm=batch, image_pool_tokens={cfg.image_pool_tokens}), "
-                             f"but {file} has {regions} regions per image, which give {tokens} tokens ({how}): the "
-                             f"model was trained on data with another region count; use it with data of "
-                             f"{cfg.image_pool_tokens // 2 if unify else cfg.image_pool_tokens} regions")
-
-
-def load_trained(path: str | os.PathLike, map_location="cpu"):
-    """A checkpoint written by training (or `tvrn convert`), a model folder written by `tvrn export` or an
-    `hf-hub:ORG/NAME` name (tvrn.export) -> (model in eval mode, tokenizer, checkpoint config dict)."""
-    from .export import is_model_source, load_folder, trained_config
-
-    if is_model_source(path):  # the one place a folder is read where a checkpoint is: every command takes both
-        model, tokenizer, cfg = load_folder(path)
-        return model, tokenizer, trained_config(cfg)
-    ckpt = load_checkpoint(path, map_location)
-    model, tokenizer = model_from_checkpoint(ckpt, source=str(path))
-    return model, tokenizer, ckpt.get("config") or {}
 
 
 def evaluate_checkpoints(

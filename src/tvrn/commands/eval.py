@@ -48,7 +48,7 @@ def register(subparsers) -> None:
 def pointing_games(args: argparse.Namespace) -> dict:
     """{input: pointing-game result} for the model inputs (not .npy) when the split has synthetic scenes."""
     from tvrn.grounding import has_scenes, pointing_game
-    from tvrn.pipeline import load_trained
+    from tvrn.checkpoint import load_trained
 
     if args.no_pointing_game or not has_scenes(args.data, args.split):
         return {}
@@ -101,9 +101,9 @@ def format_metrics(result: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from tvrn.data import TvrnDataError
-    from tvrn.evaluation import write_json
+    from tvrn.fileio import write_json
     from tvrn.pipeline import evaluate_checkpoints
-    from tvrn.train import cleanup_distributed, init_distributed
+    from tvrn.distributed import cleanup_distributed, init_distributed
 
     info = init_distributed()  # under torchrun the scoring work is split across the ranks; rank 0 reports
     if info.enabled and (args.two_stage or args.published_protocol):

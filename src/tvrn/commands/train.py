@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from tvrn.config import ConfigError, check_config, check_overrides, list_presets
     from tvrn.data import TvrnDataError
     from tvrn.pipeline import resolve_config, train_from_config
-    from tvrn.train import cleanup_distributed, dist_info
+    from tvrn.distributed import cleanup_distributed, dist_info
 
     if args.list_presets:
         print("\n".join(list_presets()))
@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         summary = train_from_config(cfg, out, resume=args.resume, progress=not args.no_progress,
                                     device=args.device)
     except (TvrnDataError, ConfigError) as e:
+        if getattr(args, "debug", False):  # tvrn --debug train ...: the traceback, as for every other error
+            raise
         print(f"tvrn train: {e}", file=sys.stderr)
         return 2
     finally:

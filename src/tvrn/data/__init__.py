@@ -21,7 +21,7 @@ from .errors import (
     VocabularyError,
 )
 from .geometry import DEFAULT_ADJACENCY_THRESHOLD, adjacency, check_boxes, iou_matrix
-from .precomp import CAPTIONS_PER_IMAGE, COCO_DEV_CAPTIONS, SPLITS, NpyRows, PrecompSplit, load_split
+from .precomp import CAPTIONS_PER_IMAGE, COCO_DEV_CAPTIONS, SPLITS, PrecompSplit, load_split
 from .vocab import SPECIAL_TOKENS, TokenizerLike, Vocabulary, tokenize, treebank_tokenize
 
 __all__ = [
@@ -31,6 +31,6 @@ __all__ = [
     "CaptionCountError", "CaptionMapError", "DegenerateBoxError", "EmptyCaptionError", "FeatureFileError", "MissingFileError",
     "NonFiniteFeatureError", "TvrnDataError", "VocabularyError",
     "DEFAULT_ADJACENCY_THRESHOLD", "adjacency", "check_boxes", "iou_matrix",
-    "CAPTIONS_PER_IMAGE", "COCO_DEV_CAPTIONS", "SPLITS", "NpyRows", "PrecompSplit", "load_split",
+    "CAPTIONS_PER_IMAGE", "COCO_DEV_CAPTIONS", "SPLITS", "PrecompSplit", "load_split",
     "SPECIAL_TOKENS", "TokenizerLike", "Vocabulary", "tokenize", "treebank_tokenize",
 ]

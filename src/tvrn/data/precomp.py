@@ -38,91 +38,13 @@ from .errors import (
     TextEncodingError,
     text_encoding_error,
 )
+from ..fileio import NpyRows
 from .geometry import check_boxes
 
 SPLITS = ("train", "dev", "test", "testall")
 CAPTIONS_PER_IMAGE = 5
 COCO_DEV_CAPTIONS = 5000  # COCO validation: the first 5000 dev captions (1000 images)
 Indices = Union[int, Sequence[int], np.ndarray, slice]
-
-
-class NpyRows:
-    """Row reader for a C-ordered .npy file: rows(file_rows) -> (n, *row_shape) copies of those rows only."""
-
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            mm = np.load(path, mmap_mode="r")  # parses the header only; no data page is touched
-        except (ValueError, OSError, EOFError) as e:  # truncated file, not a .npy file, unreadable
-            raise FeatureFileError(path, f"cannot open as a .npy array ({e})") from e
-        if not mm.flags.c_contiguous or mm.ndim < 1:
-            raise FeatureFileError(path, "expected a C-ordered array with at least one axis")
-        self.shape: tuple[int, ...] = tuple(mm.shape)
-        self.dtype: np.dtype = mm.dtype
-        self.offset: int = int(mm.offset)
-        del mm
-        self.row_shape = self.shape[1:]
-        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
-        self._fd: Optional[int] = None
-        self._pid: Optional[int] = None
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def _file(self) -> int:
-        if self._fd is None or self._pid != os.getpid():  # reopen in a forked worker: no shared state
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        return self._fd
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fd"] = state["_pid"] = None
-        return state
-
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-
-    def _read_into(self, buf: np.ndarray, first_row: int) -> None:
-        """Fill buf (a C-contiguous block of whole rows) from the file starting at first_row."""
-        view = memoryview(buf.reshape(-1).view(np.uint8))
-        pos, done = self.offset + first_row * self.row_bytes, 0
-        fd = self._file()
-        while done < len(view):
-            if hasattr(os, "preadv"):
-                n = os.preadv(fd, [view[done:]], pos + done)
-            else:  # pragma: no cover - platforms without preadv
-                data = os.pread(fd, len(view) - done, pos + done)
-                n = len(data)
-                view[done:done + n] = data
-            if n == 0:
-                raise FeatureFileError(self.path, f"file is truncated (rows from {first_row} are missing)")
-            done += n
-
-    def rows(self, file_rows: np.ndarray) -> np.ndarray:
-        """file_rows (n,) int -> (n, *row_shape) array, in the order given (repeats allowed)."""
-        file_rows = np.asarray(file_rows, dtype=np.int64).reshape(-1)
-        out = np.empty((len(file_rows),) + self.row_shape, dtype=self.dtype)
-        if len(file_rows) == 0:
-            return out
-        if file_rows.min() < 0 or file_rows.max() >= len(self):
-            raise IndexError(f"rows out of range 0..{len(self) - 1} in {self.path}")
-        order = np.argsort(file_rows, kind="stable")
-        sorted_rows = file_rows[order]
-        if np.array_equal(order, np.arange(len(order))) and np.all(np.diff(sorted_rows) == 1):
-            self._read_into(out, int(sorted_rows[0]))  # the common case: one contiguous run, read in place
-            return out
-        # group the sorted rows into contiguous runs (repeats are read once), one read per run
-        unique_rows, inverse = np.unique(sorted_rows, return_inverse=True)
-        block = np.empty((len(unique_rows),) + self.row_shape, dtype=self.dtype)
-        breaks = np.flatnonzero(np.diff(unique_rows) != 1) + 1
-        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(unique_rows)]):
-            self._read_into(block[start:stop], int(unique_rows[start]))
-        out[order] = block[inverse]
-        return out
 
 
 def _read_lines(path: str) -> list[str]:
@@ -183,7 +105,7 @@ class PrecompSplit:
             if not os.path.isfile(path):
                 raise MissingFileError(path, f"{what} file of split {split!r}")
 
-        self._features = NpyRows(self.features_file)
+        self._features = NpyRows(self.features_file, FeatureFileError)
         if self._features.dtype != np.float32 or len(self._features.shape) != 3:
             raise FeatureFileError(
                 self.features_file,
@@ -235,7 +157,7 @@ class PrecompSplit:
         self._boxes: Optional[NpyRows] = None
         self._boxes_stride = 1
         if os.path.isfile(self.boxes_file):
-            self._boxes = NpyRows(self.boxes_file)
+            self._boxes = NpyRows(self.boxes_file, FeatureFileError)
             if len(self._boxes.shape) != 3 or self._boxes.shape[1:] != (self._features.shape[1], 4):
                 raise FeatureFileError(
                     self.boxes_file, f"expected (N_img, {self._features.shape[1]}, 4), got {self._boxes.shape}"

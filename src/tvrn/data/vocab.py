@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
@@ -162,21 +161,10 @@ class Vocabulary:
         }
 
     def save(self, path: "str | os.PathLike[str]") -> None:
-        """Write SCAN's vocabulary JSON atomically (temporary file in the same folder, then os.replace)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".vocab-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json_dict(), f, ensure_ascii=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a vocabulary is an ordinary shared file
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        """Write SCAN's vocabulary JSON atomically (`tvrn.fileio.write_json`)."""
+        from ..fileio import write_json
+
+        write_json(path, self.to_json_dict(), indent=None, ensure_ascii=False)
 
     @classmethod
     def load(cls, path: "str | os.PathLike[str]") -> "Vocabulary":

@@ -89,9 +89,9 @@ def extract_dataset(image_dir: str | os.PathLike, out_dir: str | os.PathLike, ex
 
 def _note_request(out: Path, split: str, requested, image_dir) -> None:
     """Record which images were asked for (before skipping bad ones), so an unchanged rerun is 'up to date'."""
-    from .folder import _write_json
+    from ..fileio import write_json
 
     man = read_manifest(out)
     man["splits"][split]["requested_sha256"] = _list_hash(requested)
     man["splits"][split]["image_dir"] = str(Path(image_dir).resolve())  # the web page shows these files
-    _write_json(out / "manifest.json", man)
+    write_json(out / "manifest.json", man, indent=1)

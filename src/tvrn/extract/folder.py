@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, write_json
 from .features import RegionExtractor, recipe_difference, same_recipe
 from .images import ImageReadError, image_id
 
@@ -56,11 +56,6 @@ class SplitResult:
     resumed_from: int = 0  # images already done by an interrupted run
     seconds: float = 0.0  # time of this run's extraction (not counting a resumed part)
     extracted: int = 0  # images this run extracted
-
-
-def _write_json(path: Path, obj) -> None:
-    data = (json.dumps(obj, indent=1) + "\n").encode()
-    atomic_write(path, lambda f: f.write(data))
 
 
 def _valid_batch_size(value) -> bool:
@@ -97,7 +92,7 @@ def check_recipe(out_dir: str | os.PathLike, extractor: dict) -> None:
 def update_manifest(out_dir: str | os.PathLike, extractor: dict, split: str, entry: dict) -> dict:
     man = read_manifest(out_dir) or {"format": FORMAT, "version": VERSION, "extractor": extractor, "splits": {}}
     man["splits"][split] = entry
-    _write_json(Path(out_dir) / MANIFEST, man)
+    write_json(Path(out_dir) / MANIFEST, man, indent=1)
     return man
 
 
@@ -164,7 +159,7 @@ def extract_split(extractor: RegionExtractor, image_dir: str | os.PathLike, file
         if arrays[a].shape != shapes[a]:
             raise RecipeMismatchError(f"{partial[a]}: shape {arrays[a].shape}, expected {shapes[a]}; restart")
     if mode == "w+":
-        _write_json(prog_path, state)
+        write_json(prog_path, state, indent=1)
     bs = int(state["batch_size"])
     result = SplitResult(split, [], resumed_from=int(state["done"]))
     bad = {int(i): (f, why) for i, f, why in state["bad"]}
@@ -196,7 +191,7 @@ def extract_split(extractor: RegionExtractor, image_dir: str | os.PathLike, file
             for a in ARRAYS:
                 arrays[a].flush()
             state["done"], state["bad"] = stop, [[i, f, why] for i, (f, why) in sorted(bad.items())]
-            _write_json(prog_path, state)  # only after the rows are on disk
+            write_json(prog_path, state, indent=1)  # only after the rows are on disk
             result.extracted += stop - start
             start = stop
             if progress:

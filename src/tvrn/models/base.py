@@ -9,55 +9,25 @@
 papers' equations, used when gradients are needed (training); and a fast one for inference (eval mode, no
 grad) that groups captions by length (no padded words) and uses exact algebraic shortcuts.
 
-Encoded containers hold only tensors whose first axis is the item axis (Ni or Nt); fields a model does not
-compute are None. Slicing slices every field together; `.to(device)` moves them.
+Encoded containers (`tvrn.tensors.TensorFields`) hold only tensors whose first axis is the item axis (Ni or
+Nt); fields a model does not compute are None. Slicing slices every field together; `.to(device)` moves them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from ..tensors import TensorFields
+from ..scoring.train import score_all_train
 from .config import ModelConfig
 from .layers import l2norm, masked_mean
 
 
-class _Encoded:
-    def __len__(self) -> int:
-        return self.mask.shape[0]
-
-    def __getitem__(self, idx):
-        if isinstance(idx, int):
-            idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
-        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
-
-    def contiguous(self):
-        """Every tensor field contiguous (fields that already are stay shared)."""
-        return replace(self, **{f.name: getattr(self, f.name).contiguous() for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
-
-    def to(self, device=None, dtype=None):
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                out[f.name] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
-        return replace(self, **out)
-
-    @classmethod
-    def cat(cls, items):
-        """Concatenate along the item axis (same token counts)."""
-        items = list(items)
-        return cls(**{f.name: (None if getattr(items[0], f.name) is None
-                               else torch.cat([getattr(x, f.name) for x in items]))
-                      for f in fields(cls)})
-
-
 @dataclass
-class EncodedImages(_Encoded):
+class EncodedImages(TensorFields):
     """Per-image work of Ni images.
 
     regions:   (Ni, R, D) content IRs V (unit length, padded rows zero)
@@ -122,7 +92,7 @@ WORD_AXIS_FIELDS = ("words", "mask", "ctx_queries", "refined", "refined_local", 
 
 
 @dataclass
-class EncodedTexts(_Encoded):
+class EncodedTexts(TensorFields):
     """Per-caption work of Nt captions.
 
     words:      (Nt, L, D) content TRs T (unit length, padded rows zero)
@@ -177,10 +147,7 @@ class EncodedTexts(_Encoded):
 def grid_layout(images: EncodedImages, texts: EncodedTexts) -> tuple[EncodedImages, EncodedTexts]:
     """Views for all pairs: image fields (Ni, 1, ...), caption fields (1, Nt, ...), so that code written for
     aligned pairs (leading axis P) broadcasts to the (Ni, Nt) grid. Not item-sliceable any more."""
-    return (replace(images, **{f.name: getattr(images, f.name)[:, None] for f in fields(images)
-                               if isinstance(getattr(images, f.name), torch.Tensor)}),
-            replace(texts, **{f.name: getattr(texts, f.name)[None] for f in fields(texts)
-                              if isinstance(getattr(texts, f.name), torch.Tensor)}))
+    return images.map(lambda t: t[:, None]), texts.map(lambda t: t[None])
 
 
 class RetrievalModel(nn.Module):
@@ -193,13 +160,13 @@ class RetrievalModel(nn.Module):
 
     `encode_image(images, record=None)` and `score_pairs(images, texts, record=None)` take an optional dict that
     receives the intermediates the computation used (attention weights, gates, similarity nodes): what
-    `explain` (`tvrn.models.explain`) reads, so an explanation comes from the code that scores. None (the
+    `tvrn.models.explain.explain_pairs(model, images, texts)` reads, so an explanation comes from the code that scores. None (the
     default, and every scoring call) records nothing and changes nothing.
     """
 
     config: ModelConfig
-    blocked_training = True  # forward(..., memory_budget_mb=X) trains through score_all_train
-    gathers_negatives = True  # forward(..., gather=True) scores against every DDP rank's items
+    blocked_training = True  # train_scores(..., memory_budget_mb=X) trains through score_all_train
+    gathers_negatives = True  # tvrn.train.task.TrainingTask(..., gather=True) scores against every DDP rank's items
 
     def encode_image(self, images, record: Optional[dict] = None) -> EncodedImages:
         raise NotImplementedError
@@ -214,13 +181,6 @@ class RetrievalModel(nn.Module):
         """(P,) scores of the aligned pairs (images[p], texts[p]); autograd-friendly. record: see the class doc."""
         raise NotImplementedError
 
-    def explain(self, images, texts):
-        """Why these aligned (image, caption) pairs score as they do: `tvrn.models.explain.explain_pairs`
-        (ImageBatch (P), TextBatch (P) -> PairExplanations; `.item(p)` is one pair's `Explanation`)."""
-        from .explain import explain_pairs
-
-        return explain_pairs(self, images, texts)
-
     def inference_encodings(self, images: EncodedImages) -> EncodedImages:
         """Encodings made with gradients, plus the per-image fields only the inference fast path reads
         (computed here without gradients); identity by default."""
@@ -232,40 +192,30 @@ class RetrievalModel(nn.Module):
         every model whose scores are per pair. forward applies it to the whole batch before scoring."""
         return texts
 
-    def _train_scores(self, enc_i, enc_t, memory_budget_mb, dense_gradient) -> torch.Tensor:
+    def train_scores(self, enc_i: EncodedImages, enc_t: EncodedTexts, memory_budget_mb: Optional[float] = 512.0,
+                     dense_gradient: bool = False) -> torch.Tensor:
+        """(Ni, Nt) scores of encodings made with gradients: with gradients enabled and a budget, through
+        `tvrn.scoring.score_all_train` (pair work in blocks of `memory_budget_mb` of working memory, recomputed in
+        backward where the gradient is non-zero; with dense_gradient the whole grid's graph kept when it fits);
+        otherwise (no gradients, memory_budget_mb=None, or a model without blocked training) `score`, the plain
+        path, which keeps the activations of every pair for backward."""
         if memory_budget_mb is not None and self.blocked_training and torch.is_grad_enabled():
-            from ..scoring import score_all_train
-
-            return score_all_train(self, enc_i, enc_t, memory_budget_mb=memory_budget_mb, dense_gradient=dense_gradient)
+            return score_all_train(self, enc_i, enc_t, memory_budget_mb=memory_budget_mb,
+                                   dense_gradient=dense_gradient)
         return self.score(enc_i, enc_t)
 
-    def forward(self, images, texts, return_shortlist: bool = False, memory_budget_mb: Optional[float] = None,
-                dense_gradient: bool = False, gather: bool = False):
-        """ImageBatch (Ni), TextBatch (Nt) -> scores (Ni, Nt); with return_shortlist also the (Ni, Nt) cosines of
-        the shortlist embeddings (for the trainer's auxiliary loss; one forward, so DDP sees both).
+    def forward(self, images, texts, return_shortlist: bool = False, memory_budget_mb: Optional[float] = 512.0,
+                dense_gradient: bool = False):
+        """ImageBatch (Ni), TextBatch (Nt) -> scores (Ni, Nt), the block's first-image work applied
+        (`anchor_texts`); with return_shortlist also the (Ni, Nt) cosines of the shortlist embeddings.
 
-        memory_budget_mb: with gradients, score through `tvrn.scoring.score_all_train` (pair work in blocks of
-        this much working memory, recomputed in backward where the gradient is non-zero; with dense_gradient
-        the plain path when it fits the budget); None: the plain path, which keeps the activations of every
-        pair for backward. gather: under torch.distributed, score this rank's images against every rank's
-        captions and every rank's images against this rank's captions (encodings gathered with autograd) ->
-        (rows (b, N), cols (N, b), offset of this rank's pairs[, the same two for the shortlist cosines])."""
+        With gradients, the pair work is bounded: blocks of `memory_budget_mb` (`train_scores`); pass
+        memory_budget_mb=None for the plain path, which keeps every pair's activations (a TVRN batch of 128 needs
+        tens of GB then). Training steps go through `tvrn.train.task.TrainingTask`, which also chooses the dense
+        path and gathers DDP negatives."""
         enc_i, enc_t = self.encode_image(images), self.encode_text(texts)
-        if gather:  # DDP with the global batch's negatives: (rows (b, N), cols (N, b), offset[, short_rows, short_cols])
-            from ..train.distributed import gather_encoded
-
-            all_i, offset = gather_encoded(enc_i)
-            all_t, _ = gather_encoded(enc_t)
-            # block-level work against the global batch (its first image), as one process would compute it
-            enc_t, all_t = self.anchor_texts(all_i, enc_t), self.anchor_texts(all_i, all_t)
-            out = (self._train_scores(enc_i, all_t, memory_budget_mb, dense_gradient),
-                   self._train_scores(all_i, enc_t, memory_budget_mb, dense_gradient), offset)
-            if return_shortlist:
-                out += (self.shortlist_embed_image(enc_i) @ self.shortlist_embed_text(all_t).t(),
-                        self.shortlist_embed_image(all_i) @ self.shortlist_embed_text(enc_t).t())
-            return out
         enc_t = self.anchor_texts(enc_i, enc_t)  # the batch is one block
-        scores = self._train_scores(enc_i, enc_t, memory_budget_mb, dense_gradient)
+        scores = self.train_scores(enc_i, enc_t, memory_budget_mb, dense_gradient)
         if not return_shortlist:
             return scores
         short = self.shortlist_embed_image(enc_i) @ self.shortlist_embed_text(enc_t).t()  # (Ni, D) @ (D, Nt)

@@ -43,7 +43,10 @@ from typing import Any, Optional
 
 import torch
 
-from .base import EncodedImages, EncodedTexts, RetrievalModel
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .base import EncodedImages, EncodedTexts, RetrievalModel
 
 WORD_TO_REGION, REGION_TO_WORD = "word_to_region", "region_to_word"
 

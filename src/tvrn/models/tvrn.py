@@ -224,7 +224,7 @@ class TVRN(RetrievalModel):
         return self._pair_core(images, texts, (len(images),), record)
 
     def _pair_core(self, I: EncodedImages, T: EncodedTexts, lead, record=None) -> torch.Tensor:
-        """DESIGN 3's pair side for broadcastable image / caption fields -> scores (*lead).
+        """The pair side (docs/models.md) for broadcastable image / caption fields -> scores (*lead).
 
         record: None (scoring), or a dict that receives what this computation used (`tvrn.models.explain`):
         "attention" (*lead, L', R') module 3's word-to-unit weights (gated when module 3 is on), "refine_attention"

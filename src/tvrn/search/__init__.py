@@ -3,7 +3,8 @@ installed, re-ranked with the model's full score), a search index over a split, 
 
     from tvrn.search import SearchIndex, two_stage_scores, evaluate_two_stage
 """
-from .index import Hit, SearchIndex, SearchIndexError
+from .errors import SearchIndexError
+from .index import Hit, SearchIndex
 from .shortlist import evaluate_two_stage, shortlist_embeddings, topk_exact, topk_indices, two_stage_scores
 
 __all__ = ["Hit", "SearchIndex", "SearchIndexError", "evaluate_two_stage", "shortlist_embeddings", "topk_exact",

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..extract.images import MAX_PIXELS
-from .index import SearchIndexError
+from .errors import SearchIndexError
 
 MAX_IMAGE_PIXELS = MAX_PIXELS  # pixel limit of a query image (larger: decoded reduced if JPEG, else refused)
 _EXTRACTORS: dict = {}  # (recipe, device) -> RegionExtractor, built once per process
@@ -57,10 +57,10 @@ def model_extractor(checkpoint_path) -> tuple[Optional[str], Optional[dict]]:
     """(the data folder the model was trained on, the `tvrn extract` record of its features) for a checkpoint
     (its data folder's manifest) or a model folder / hub name (`tvrn export` recorded both in config.json);
     either None when unknown."""
-    from ..export import is_model_source
+    from ..checkpoint.folder import is_model_source
 
     if is_model_source(checkpoint_path):
-        from ..export import folder_config
+        from ..checkpoint.folder import folder_config
 
         features = folder_config(checkpoint_path).get("features") or {}
         return features.get("data_root"), features.get("extract")
@@ -73,7 +73,7 @@ def _training_root(checkpoint_path) -> Optional[str]:
     writes beside its checkpoints (RUN/run.json for RUN/best.pt), else None."""
     import json
 
-    from ..train.checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     try:
         root = ((load_checkpoint(checkpoint_path).get("config") or {}).get("data") or {}).get("root")

@@ -204,3 +204,32 @@ class SearchService:
         if captions:
             out["captions"] = self.index.captions_of(img)
         return out
+
+
+class ExplainService(SearchService):
+    """SearchService plus the answer of /api/explain (what the server's model pool runs)."""
+
+    def explain(self, q: Optional[str], image: Optional[str]) -> dict:
+        """Caption and gallery image -> {"query", "image", "image_id", "image_url", "unknown_words", the
+        Explanation's fields (`tvrn.models.explain.Explanation.to_dict`: words (L token strings), tokens,
+        regions (R,), boxes (R, 4) or None, attention (L, R) or None, direction, gates, word_contributions,
+        region_contributions, global_contribution, contribution_kind, context, score, model), "seconds"}.
+        A query above max_query_words words is cut to that many (`truncated`), as a search is."""
+        q = self.check_query(q)
+        if image is None or image == "":
+            raise ServiceError(400, "parameter image (the gallery image to explain) is missing")
+        img = parse_index(image, self.index.num_images, "gallery image")
+        t0 = time.perf_counter()
+        words = self.index.query_words(q)
+        out = {"query": q, "image": img, "image_id": self.index.image_ids[img], "image_url": self._url(img),
+               "unknown_words": words["unknown"]}
+        if len(words["words"]) > self.limits.max_query_words:
+            out["truncated"] = {"words": len(words["words"]), "kept": self.limits.max_query_words}
+            q = " ".join(words["words"][: self.limits.max_query_words])
+        try:
+            ex = self.index.explain(q, img)
+        except SearchIndexError as e:
+            raise ServiceError(400, str(e)) from None
+        out.update(ex.to_dict())
+        out["seconds"] = time.perf_counter() - t0
+        return out

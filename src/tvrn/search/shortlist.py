@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..evaluation import evaluate
-from ..scoring import _eval_mode, _model_device, trim_lengths
+from ..scoring.encode import eval_mode, model_device
+from ..scoring.plan import trim_lengths
 
 
 def shortlist_embeddings(model, enc_images, enc_texts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,14 +29,49 @@ def shortlist_embeddings(model, enc_images, enc_texts) -> tuple[torch.Tensor, to
                 model.shortlist_embed_text(enc_texts).float().cpu())
 
 
+def topk_exact_scored(queries: torch.Tensor, gallery, k: int, chunk: Optional[int] = 4096,
+                      gallery_chunk: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k by inner product, the one implementation of it in tvrn.search (`topk_exact`, and a search
+    index's shortlist without FAISS): queries (Nq, D), gallery (Ng, D) -> (indices (Nq, k') long, inner products
+    (Nq, k')), best first, k' = min(k, Ng).
+
+    gallery: a tensor (used as it is), or rows read by slice and taken as float32 (an ndarray, a
+    `tvrn.fileio.NpyRows` file). Queries are taken `chunk` rows at a time (None: all at once), the gallery
+    `gallery_chunk` rows at a time (None: whole), so a gallery on disk is never read whole: each block's inner
+    products are appended to the best k so far (those first, then the block's rows in gallery order) and
+    torch.topk keeps the k best of that row; equal inner products come out in torch.topk's order of it."""
+    nq, ng = queries.shape[0], gallery.shape[0]
+    k = min(k, ng)
+    q_step, g_step = chunk or max(1, nq), gallery_chunk or max(1, ng)
+    out_i, out_v = torch.empty(nq, k, dtype=torch.long), None
+    for q0 in range(0, nq, q_step):
+        q = queries[q0 : q0 + q_step]  # (chunk, D)
+        best_v = best_i = None
+        for g0 in range(0, ng, g_step):
+            block = gallery[g0 : g0 + g_step]  # (block, D)
+            if not isinstance(block, torch.Tensor):
+                block = torch.as_tensor(np.array(block, dtype=np.float32))
+            sims = q @ block.t()  # (chunk, block)
+            if best_v is None:  # the first block: its own top k
+                keep = sims.topk(min(k, sims.shape[1]), dim=1)
+                best_v, best_i = keep.values, keep.indices + g0
+            else:
+                cand_v = torch.cat([best_v, sims], 1)
+                cand_i = torch.cat([best_i, torch.arange(g0, g0 + block.shape[0]).expand(q.shape[0], -1)], 1)
+                keep = cand_v.topk(min(k, cand_v.shape[1]), dim=1)
+                best_v, best_i = keep.values, cand_i.gather(1, keep.indices)
+        if best_v is None:  # an empty gallery
+            continue
+        if out_v is None:
+            out_v = torch.empty(nq, k, dtype=best_v.dtype)
+        out_i[q0 : q0 + q_step], out_v[q0 : q0 + q_step] = best_i, best_v
+    return out_i, (torch.empty(nq, k) if out_v is None else out_v)
+
+
 def topk_exact(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
-    """Exact top-k by inner product: (Nq, D), (Ng, D) -> (Nq, k) long gallery indices, best first (chunked rows)."""
-    k = min(k, gallery.shape[0])
-    out = torch.empty(queries.shape[0], k, dtype=torch.long)
-    for q0 in range(0, queries.shape[0], chunk):
-        sims = queries[q0 : q0 + chunk] @ gallery.t()  # (chunk, Ng)
-        out[q0 : q0 + chunk] = sims.topk(k, dim=1).indices
-    return out
+    """Exact top-k by inner product: (Nq, D), (Ng, D) -> (Nq, k) long gallery indices, best first (`chunk` query
+    rows at a time against the whole gallery; `topk_exact_scored`)."""
+    return topk_exact_scored(queries, gallery, k, chunk=chunk)[0]
 
 
 def topk_indices(queries: torch.Tensor, gallery: torch.Tensor, k: int, use_faiss: Optional[bool] = None) -> torch.Tensor:
@@ -74,11 +111,11 @@ def two_stage_scores(model, enc_images, enc_texts, k_images: int, k_texts: int, 
     in_i2t[torch.arange(ni)[:, None].expand_as(i2t_idx), i2t_idx] = True  # (Ni, Nt)
     cand = in_t2i | in_i2t  # (Ni, Nt) pairs to score
     full = torch.full((ni, nt), -math.inf)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     # length-grouping models: each image's captions in length order and cut to the longest, so that the model's
     # length groups are slices of one gather
     lengths = trim_lengths(model, enc_texts)  # (Nt,) or None
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         for i in range(ni):
             cols = torch.nonzero(cand[i]).reshape(-1)  # (n_i,)
             if not len(cols):

@@ -1,13 +1,14 @@
-"""Encodings on disk: one `.npy` file per field, memory-mapped and read by row, written by streaming.
+"""Encodings on disk: one `.npy` file per field, read by row with pread and written by row with pwrite.
 
 A search index over a large gallery keeps its per-image and per-caption encodings here instead of in RAM: a
 query reads the rows of its shortlisted candidates only. Rows are read and written with positional reads and
-writes (`NpyRows`, `NpyRowWriter`: pread / pwrite at the row's offset), not through a memory map, so neither a
-build nor a long-running server accumulates mapped file pages in its resident memory: a process holds the rows
-it is working on and nothing else (the kernel's page cache still speeds up repeated reads, outside the process). Fields
-are stored as float32, float16 or bfloat16 (numpy has no bfloat16: its 16 bits are stored as uint16 and
-reinterpreted on reading); masks as bool. Every file's sha256 goes into the index manifest and is checked when
-the index is opened, so a corrupted file is refused by name.
+writes at the row's offset (`NpyRows`, `NpyRowWriter`: os.preadv / os.pwrite), not through a memory map, so
+neither a build nor a long-running server accumulates mapped file pages in its resident memory: a process holds
+the rows it is working on and nothing else (the kernel's page cache still speeds up repeated reads, outside the
+process). A gallery's ids and captions are kept the same way (`StringRows`: a text file and its line offsets,
+read by pread). Fields are stored as float32, float16 or bfloat16 (numpy has no bfloat16: its 16 bits are
+stored as uint16 and reinterpreted on reading); masks as bool. Every file's sha256 goes into the index manifest
+and is checked when the index is opened, so a corrupted file is refused by name.
 
     writer = FieldWriter(folder / "images", n=N, dtype="float16")
     for start, enc in batches: writer.write(start, enc)          # EncodedImages of rows start.. start + len(enc)
@@ -25,95 +26,19 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..fileio import sha256_file  # noqa: F401  (also imported from here)
+from ..fileio import NpyRows, sha256_file  # noqa: F401  (NpyRows: the row reader; sha256_file also imported from here)
 
 STORAGE = ("float32", "float16", "bfloat16")
 
 
-def _npy_header(path: Path) -> tuple[tuple, np.dtype, int]:
-    """(shape, dtype, data offset) of a C-order `.npy` file, from its header only."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read is None:
-            raise ValueError(f"{path}: unsupported .npy version {version}")
-        shape, fortran, dtype = read(f)
-        if fortran:
-            raise ValueError(f"{path}: a Fortran-order array; the index stores rows in C order")
-        return tuple(shape), dtype, f.tell()
-
-
 def _close_fd(self) -> None:
-    """__del__ of the readers below: close the file they read with pread."""
+    """__del__ of StringRows: close the file it reads with pread."""
     fd = getattr(self, "fd", None)
     if fd is not None:
         try:
             os.close(fd)
         except OSError:
             pass
-
-
-class NpyRows:
-    """Read-only rows of a `.npy` file, read on demand with pread (thread-safe; no memory map, so rows read
-    are not left resident in the process). Indexed like the array for what the index needs: `rows[a:b]`,
-    `rows[int]`, `rows[idx]` with a 1-D integer array (any order, repeats allowed) -> a new ndarray."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.shape, self.dtype, self.offset = _npy_header(self.path)
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self.fd = os.open(self.path, os.O_RDONLY)
-        need = self.offset + self.shape[0] * self.row_bytes
-        have = os.fstat(self.fd).st_size
-        if have < need:
-            os.close(self.fd)
-            raise ValueError(f"{self.path}: truncated ({have} bytes, the header needs {need})")
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    __del__ = _close_fd
-
-    def _read(self, start: int, out: np.ndarray) -> None:
-        view, pos = memoryview(out.reshape(-1).view(np.uint8)), self.offset + start * self.row_bytes
-        while len(view):
-            n = os.preadv(self.fd, [view], pos)
-            if n <= 0:
-                raise ValueError(f"{self.path}: unexpected end of file at byte {pos}")
-            view, pos = view[n:], pos + n
-
-    def __getitem__(self, key) -> np.ndarray:
-        n = self.shape[0]
-        if isinstance(key, slice):
-            start, stop, step = key.indices(n)
-            if step != 1:
-                raise IndexError("NpyRows: slices with a step are not supported")
-            out = np.empty((max(0, stop - start), *self.shape[1:]), self.dtype)
-            if len(out):
-                self._read(start, out)
-            return out
-        if isinstance(key, (int, np.integer)):
-            i = int(key) + n if key < 0 else int(key)
-            if not 0 <= i < n:
-                raise IndexError(f"row {key} out of range for {n} rows of {self.path}")
-            return self[i : i + 1][0]
-        idx = np.asarray(key)
-        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-            raise IndexError(f"NpyRows: index with a slice, an int or a 1-D integer array, got {idx.dtype} {idx.shape}")
-        idx = np.where(idx < 0, idx + n, idx)
-        if len(idx) and (idx.min() < 0 or idx.max() >= n):
-            raise IndexError(f"rows out of range for {n} rows of {self.path}")
-        uniq, inverse = np.unique(idx, return_inverse=True)  # sorted: read in file order, runs in one call
-        out = np.empty((len(uniq), *self.shape[1:]), self.dtype)
-        cuts = np.flatnonzero(np.diff(uniq) != 1) + 1
-        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(uniq)]):
-            if b > a:
-                self._read(int(uniq[a]), out[a:b])
-        return out[inverse.reshape(-1)]
-
-    def __array__(self, dtype=None, copy=None):
-        whole = self[0 : self.shape[0]]
-        return whole if dtype is None else whole.astype(dtype)
 
 
 class NpyRowWriter:

@@ -1,24 +1,9 @@
-"""Training: the loop, its configuration, the lr schedule, checkpoints and distributed helpers.
+"""Training: the loop (`Trainer`), its training task (what a step scores), the lr schedule and the RNG state a
+resume restores. Checkpoint files are `tvrn.checkpoint`; torch.distributed helpers are `tvrn.distributed`.
 
 The library (`tvrn.models`, `tvrn.scoring`, `tvrn.metrics`, `tvrn.evaluation`) imports without this package.
 """
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model_from_checkpoint
-from .distributed import DistInfo, cleanup_distributed, dist_info, init_distributed
 from .schedule import lr_at
 from .trainer import Trainer, TrainConfig, configure_determinism, seed_everything
 
-__all__ = [
-    "Trainer",
-    "TrainConfig",
-    "seed_everything",
-    "configure_determinism",
-    "lr_at",
-    "atomic_save",
-    "load_checkpoint",
-    "CheckpointError",
-    "load_model_from_checkpoint",
-    "DistInfo",
-    "init_distributed",
-    "cleanup_distributed",
-    "dist_info",
-]
+__all__ = ["Trainer", "TrainConfig", "seed_everything", "configure_determinism", "lr_at"]

@@ -31,7 +31,6 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -42,155 +41,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from ..evaluation import write_json
+from ..config import TrainConfig, check_resume
+from ..fileio import write_json
 from ..losses import ContrastiveLoss
-from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
-from .distributed import DistInfo, broadcast_object, gather_objects, init_distributed
+from ..checkpoint import atomic_save, load_checkpoint
+from .state import get_rng_state, set_rng_state
+from ..distributed import DistInfo, broadcast_object, gather_objects, init_distributed
 from .runlog import RunLogger
 from .sampling import shard_batches
+from .task import TrainingTask
 from .schedule import lr_at, set_lr
-
-
-@dataclass
-class TrainConfig:
-    """Training settings; JSON-able (dataclasses.asdict). Defaults: batch 128, the hardest-negative loss (VSE++
-    max violation, summed over queries), the TVRN authors' lr schedule (2e-4, x0.05 at epoch 20) and gradient
-    clipping (2.0). The defaults are not the authors' whole recipe: they trained with batch 64 and the published
-    loss (loss_mode="published", docs/training.md), which the `*_published_*` presets carry."""
-
-    epochs: int = 50  # official: up to 50 epochs
-    lr: float = 2e-4  # Adam learning rate before the first milestone
-    lr_milestones: list[int] = field(default_factory=lambda: [20])  # epochs (0-based) at which the lr drops
-    lr_gamma: float = 0.05  # factor per milestone: 2e-4 -> 1e-5 at epoch 20 is the official schedule
-    lr_values: Optional[list[float]] = None  # explicit lr per phase (len(milestones) + 1); overrides lr, gamma
-    warmup_steps: int = 0  # linear warmup over the first optimiser steps (0: none)
-    grad_clip: float = 2.0  # max global gradient norm (0: no clipping)
-    batch_size: int = 128  # pairs per batch and per process (the loss sees B x B scores)
-    loss_mode: str = "max"  # "max" (VSE++ hardest negative), "sum" (all negatives' hinges), "smooth" (a smooth
-                            # hinge per query, log(1 + sum exp(v / tau)), unclamped) or "published" (the TVRN
-                            # authors' clamped cross-entropy over all negatives, docs/training.md)
-    margin: float = 0.2  # hinge margin
-    loss_tau: float = 0.05  # temperature of the smooth and published losses
-    loss_reduction: str = "sum"  # "sum" over queries (VSE++/SCAN convention) or "mean" (the authors' published loss)
-    loss_exclude_same_image: bool = True  # captions of the same image in a batch are not negatives of each other
-                                          # (tvrn's convention); false: only the diagonal pair is positive, as in
-                                          # the authors' published loss
-    sum_loss_epochs: int = 0  # first epochs sum over all negatives before loss_mode applies: the hardest-
-                             # negative loss from a random start collapses (all scores equal; VSE-infinity warms up too)
-    amp: str = "bf16"  # CUDA only: "bf16" autocast, "fp16" autocast + GradScaler, or "none"; CPU runs fp32
-    seed: int = 0  # seeds python/numpy/torch (+ rank) and the data order
-    deterministic: bool = False  # torch.use_deterministic_algorithms(True): resume is bit-exact
-    patience: int = 8  # early stop after this many epochs without dev RSUM improvement (0: never)
-    save_every_steps: int = 0  # also write last.pt every N optimiser steps, mid-epoch (0: epoch ends only)
-    log_every_steps: int = 0  # write a train-loss line to metrics.jsonl every N steps (0: epoch lines only)
-    num_workers: int = 0  # DataLoader worker processes (built-in loader only)
-    drop_last: bool = False  # drop the last incomplete batch of each epoch (built-in loader only)
-    find_unused_parameters: bool = False  # DDP: needed when some modules are switched off in the forward
-    tensorboard: bool = True  # also log to TensorBoard when the tensorboard package is importable
-    out_dir: str = "runs/tvrn"  # checkpoints, config.json and metrics.jsonl go here
-    memory_budget_mb: Optional[float] = 512.0  # working memory of a step's pair work: the (B, B) scores in blocks
-                                               # (fast path), recomputed in backward where the gradient is non-zero
-                                               # (tvrn.scoring.score_all_train); null: the plain path, which keeps
-                                               # the activations of all B x B pairs
-    global_negatives: bool = True  # DDP: each rank's images against every rank's captions and the reverse, so the
-                                   # loss is the global batch's (world x batch_size pairs), as one process would
-                                   # train; false: each rank's own B x B only
-    partner_file: Optional[str] = None  # JSON list, for each training image its hard-negative partner image or -1:
-                                       # batches then hold partners' captions together (tvrn.train.sampling);
-                                       # null: a uniform shuffle
-    shortlist_loss_weight: float = 0.0  # > 0: add weight * sum-hinge loss on the (B, B) cosines of the model's
-                                       # shortlist embeddings, which two-stage search uses (tvrn.search)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        return cls(**d)
-
-
-# TrainConfig fields a resume may change: how long to train and how to log or load, not what is computed
-RESUME_MAY_CHANGE = ("epochs", "num_workers", "tensorboard", "log_every_steps", "save_every_steps", "out_dir")
-# run-config keys whose values are paths: a resume compares the files they name, not how they are spelled
-# (data/synth and /home/me/data/synth, or a symlink to it, are the same folder)
-PATH_KEYS = ("data.root", "data.vocab", "train.partner_file")
-
-
-def resume_conflicts(saved: dict, current: dict) -> list[str]:
-    """Dotted keys of a checkpoint's config ({"model_name", "model", "train"}) that a resume with `current` would
-    change, leaving out RESUME_MAY_CHANGE and the PATH_KEYS that name the same file (resolved paths equal)."""
-    from ..config import config_differences
-
-    saved = saved or {}
-    keys = config_differences(saved, current)
-    return [k for k in keys if not (k.startswith("train.") and k[len("train."):] in RESUME_MAY_CHANGE)
-            and not _new_field_at_default(saved, current, k) and not _same_path(saved, current, k)]
-
-
-def _same_path(saved: dict, current: dict, key: str) -> bool:
-    """Whether a PATH_KEYS key names the same file in both configs, spelled differently (relative / absolute,
-    through a symlink, with ./ or a trailing slash): resolved against the working directory."""
-    if key not in PATH_KEYS:
-        return False
-    section, _, name = key.partition(".")
-    a, b = (saved.get(section) or {}).get(name), (current.get(section) or {}).get(name)
-    if not (isinstance(a, str) and isinstance(b, str) and a and b):
-        return False
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _new_field_at_default(saved: dict, current: dict, key: str) -> bool:
-    """A config key the saved run predates (absent there) whose current value is the field's default: the
-    run was made before the field existed and behaved as its default does."""
-    from dataclasses import MISSING, fields
-
-    section, _, name = key.partition(".")
-    if section not in ("train", "model") or "." in name or name in (saved.get(section) or {}):
-        return False
-    if section == "train":
-        cls = TrainConfig
-    else:
-        from ..models.config import ModelConfig as cls
-    for f in fields(cls):
-        if f.name == name:
-            default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
-                                                                  else MISSING)
-            return (current.get(section) or {}).get(name, MISSING) == default
-    return False
-
-
-class ScorePath:
-    """Chooses, per step, how the model scores the (B, B) batch (tvrn.scoring.score_all_train): the fast forward
-    with recomputation of the pairs that get a gradient, or, when most pairs get one and all of them fit the
-    budget, the plain path (storing costs less than recomputing then). The gradient density of the last step
-    (share of non-zero dL/dS) decides; before the first step, the loss: the hardest-negative loss gives at most
-    3B non-zero entries, the sum and smooth losses nearly B^2 from a random start.
-
-    budget_mb None: the model's forward without a budget (the plain path, or a model without blocked training).
-    """
-
-    DENSE = 0.3  # density above which the plain path is taken when it fits: on the synthetic benchmark's demo
-                 # sizes recomputation breaks even with storing at 0.35-0.47 (TVRN, SCAN) of the pairs
-
-    def __init__(self, budget_mb: Optional[float], sparse_loss: bool) -> None:
-        self.budget_mb, self.sparse_loss = budget_mb, sparse_loss
-        self.density: Optional[float] = None
-
-    def forward_kwargs(self, warmup: bool) -> dict:
-        """Keyword arguments of model.forward for this step (warmup: the sum loss of train.sum_loss_epochs)."""
-        if self.budget_mb is None:
-            return {}
-        dense = self.density >= self.DENSE if self.density is not None else (warmup or not self.sparse_loss)
-        return {"memory_budget_mb": self.budget_mb, "dense_gradient": dense}
-
-    def watch(self, scores: torch.Tensor) -> None:
-        """Record the gradient density of this step's scores when backward reaches them."""
-        if scores.requires_grad:
-            scores.register_hook(self._record)
-
-    def _record(self, grad: torch.Tensor) -> None:
-        self.density = float((grad != 0).float().mean())
 
 
 def seed_everything(seed: int) -> None:
@@ -208,10 +68,6 @@ def configure_determinism(enabled: bool) -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 class Trainer:
@@ -273,13 +129,15 @@ class Trainer:
         configure_determinism(cfg.deterministic)
         seed_everything(cfg.seed + self.dist.rank)
         self.model.to(self.device)
-        if self.dist.enabled:
+        sparse = isinstance(self.loss_fn, ContrastiveLoss) and self.loss_fn.mode == "max"
+        self.task = TrainingTask(self.model, cfg.memory_budget_mb, sparse_loss=sparse)
+        if self.dist.enabled:  # DDP wraps the task: its forward is the step's
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters
+                self.task, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters
             )
         else:
-            self.ddp = self.model
+            self.ddp = self.task
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         cuda = self.device.type == "cuda"
         if cfg.amp not in ("bf16", "fp16", "none"):
@@ -287,12 +145,9 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=cfg.tensorboard)
-        blocked = getattr(_unwrap(self.model), "blocked_training", False) and cfg.memory_budget_mb is not None
-        self.score_path = ScorePath(cfg.memory_budget_mb if blocked else None,
-                                    sparse_loss=isinstance(self.loss_fn, ContrastiveLoss) and self.loss_fn.mode == "max")
 
     def _config_dict(self) -> dict:
-        mcfg = getattr(_unwrap(self.model), "config", None)
+        mcfg = getattr(self.model, "config", None)
         return {
             "model_name": self.model_name,
             "model": dataclasses.asdict(mcfg) if dataclasses.is_dataclass(mcfg) else None,
@@ -334,18 +189,17 @@ class Trainer:
         cfg = self.config
         batch = batch.to(self.device)
         amp = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
-        kw = self.score_path.forward_kwargs(self._epoch < cfg.sum_loss_epochs)
-        loss_fn = self.warmup_loss_fn if self._epoch < cfg.sum_loss_epochs else self.loss_fn
+        warmup = self._epoch < cfg.sum_loss_epochs
+        loss_fn = self.warmup_loss_fn if warmup else self.loss_fn
         short_w = cfg.shortlist_loss_weight
         if self._global_negatives():
-            loss, logged = self._global_loss(batch, loss_fn, amp, kw)
+            loss, logged = self._global_loss(batch, loss_fn, amp, warmup)
         else:
             with amp:
                 if short_w > 0:  # (B, B) scores and shortlist cosines, one forward through DDP
-                    scores, short = self.ddp(batch.images, batch.texts, return_shortlist=True, **kw)
-                else:
-                    scores, short = self.ddp(batch.images, batch.texts, **kw), None  # (B, B): DDP syncs grads
-            self.score_path.watch(scores)
+                    scores, short = self.ddp(batch.images, batch.texts, warmup=warmup, return_shortlist=True)
+                else:  # (B, B): DDP syncs grads
+                    scores, short = self.ddp(batch.images, batch.texts, warmup=warmup), None
             loss = loss_fn(scores.float(), batch.image_ids)
             if short is not None:
                 loss = loss + short_w * self.warmup_loss_fn(short.float(), batch.image_ids)
@@ -366,10 +220,9 @@ class Trainer:
         return logged
 
     def _global_negatives(self) -> bool:
-        return (self.dist.enabled and self.config.global_negatives
-                and getattr(_unwrap(self.model), "gathers_negatives", False))
+        return self.dist.enabled and self.config.global_negatives and self.task.gathers_negatives
 
-    def _global_loss(self, batch, loss_fn, amp, kw) -> tuple[torch.Tensor, torch.Tensor]:
+    def _global_loss(self, batch, loss_fn, amp, warmup: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to back-propagate, the global batch's loss) with every rank's negatives: this rank's share of the
         global loss times the world size (DDP averages gradients, so the sum of the shares is what is followed)."""
         import torch.distributed as dist
@@ -383,9 +236,8 @@ class Trainer:
         ids_all = torch.cat(ids_all)
         short_w = self.config.shortlist_loss_weight
         with amp:
-            out = self.ddp(batch.images, batch.texts, return_shortlist=short_w > 0, gather=True, **kw)
+            out = self.ddp(batch.images, batch.texts, warmup=warmup, return_shortlist=short_w > 0, gather=True)
         rows, cols, offset = out[:3]
-        self.score_path.watch(rows)
         rows_f, extra = rows.float(), {}
         if getattr(loss_fn, "mode", None) == "published":  # its image-row term needs every caption's S[j, j]
             import torch.distributed.nn.functional as dnn
@@ -407,7 +259,7 @@ class Trainer:
             return None
         return {
             "config": self._config_dict(),
-            "model": _unwrap(self.model).state_dict(),
+            "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": {
                 "kind": "step",
@@ -436,15 +288,9 @@ class Trainer:
             atomic_save(ckpt, self.out_dir / name)
 
     def _restore(self, ckpt: dict, path: Path) -> tuple[int, int, float, int]:
-        from ..config import describe_differences
-
-        saved, current = ckpt.get("config") or {}, self._config_dict()
-        conflicts = resume_conflicts(saved, current)
-        if conflicts:
-            raise ValueError(f"cannot resume from {path}: it was trained with another config "
-                             f"({describe_differences(saved, current, conflicts)}); resume with the run's own "
-                             f"settings or start a new run folder")
-        _unwrap(self.model).load_state_dict(ckpt["model"])
+        check_resume(ckpt.get("config") or {}, self._config_dict(), f"cannot resume from {path}: it was trained "
+                     f"with another config", "resume with the run's own settings or start a new run folder")
+        self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -582,7 +428,7 @@ class Trainer:
         metrics = None
         # a validate marked distributed (tvrn.pipeline.make_validate) is collective: every rank scores its share
         if self.dist.is_main or getattr(self.validate, "distributed", False):
-            model = _unwrap(self.model)
+            model = self.model
             was_training = model.training
             model.eval()
             try:

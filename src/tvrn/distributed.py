@@ -101,10 +101,12 @@ def gather_encoded(enc):
 
     import torch.distributed.nn.functional as dnn
 
+    from .tensors import pad_to, tensor_fields
+
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return enc, 0
     world, rank = dist.get_world_size(), dist.get_rank()
-    names = [f.name for f in dataclasses.fields(enc) if isinstance(getattr(enc, f.name), torch.Tensor)]
+    names = list(tensor_fields(enc))
     first = getattr(enc, names[0])
     sizes = torch.zeros(world, len(names), 4, dtype=torch.long, device=first.device)
     for j, n in enumerate(names):  # every field's shape on every rank (at most 4 axes)
@@ -118,11 +120,7 @@ def gather_encoded(enc):
     for j, n in enumerate(names):
         t = getattr(enc, n)
         full = [int(x) for x in sizes[:, j].amax(0)[: t.dim()]]
-        full[0] = t.shape[0]
-        if list(t.shape) != full:  # pad later axes
-            padded = t.new_zeros(full)
-            padded[tuple(slice(0, k) for k in t.shape)] = t
-            t = padded
+        t = pad_to(t, full)  # later axes to every rank's largest
         if t.is_floating_point():
             parts = dnn.all_gather(t)  # autograd: backward sums the gradients into the owner's slice
         else:  # masks: no gradient; bool travels as uint8 (not every backend has bool)

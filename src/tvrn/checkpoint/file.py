@@ -1,4 +1,4 @@
-"""Checkpoints as plain data, written atomically, loadable with torch.load(weights_only=True).
+"""Checkpoint files: plain data, written atomically, loadable with torch.load(weights_only=True).
 
 Layout of a checkpoint dict:
     config:    {"model_name": str | None, "model": dict (asdict(model.config)) | None, "train": dict}
@@ -18,13 +18,12 @@ Layout of a checkpoint dict:
 from __future__ import annotations
 
 import os
-import random
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
 import torch
 
 from ..fileio import atomic_write, load_torch_file
+
 
 
 def state_digest(state: dict) -> str:
@@ -53,7 +52,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 def save_model(path: str | os.PathLike, model_name: str, model, vocab=None) -> None:
     """A checkpoint of weights only (no optimiser or schedule), which `tvrn eval`, `tvrn index` and
-    `load_model_from_checkpoint` read like a trained one: a model built elsewhere, converted or untrained
+    `tvrn.checkpoint.load_trained` read like a trained one: a model built elsewhere, converted or untrained
     (tests, benchmarks). vocab: a tvrn.data.Vocabulary for GRU text encoders."""
     from dataclasses import asdict
 
@@ -80,57 +79,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             raise CheckpointError(f"{path}: the model weights are corrupted (their sha256 differs from the one "
                                   f"saved with them)")
     return obj
-
-
-def get_rng_state() -> dict:
-    """The process's RNG states (torch CPU, CUDA, numpy, python) as tensors and numbers."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": {
-            "version": int(py_state[0]),
-            "state": torch.tensor(py_state[1], dtype=torch.int64),
-            "gauss_next": py_state[2],
-        },
-    }
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what get_rng_state returned."""
-    torch.set_rng_state(state["torch"].cpu())
-    if state.get("cuda") and torch.cuda.is_available():
-        cuda = [s.cpu() for s in state["cuda"]]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
-
-
-def load_model_from_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", create_model=None):
-    """Rebuild a model from a checkpoint: create_model(config["model_name"], **config["model"]) + load_state_dict.
-
-    create_model defaults to tvrn.models.create_model. Returns (model, checkpoint dict).
-    """
-    ckpt = load_checkpoint(path, map_location)
-    cfg = ckpt.get("config") or {}
-    if create_model is None:
-        from tvrn.models import create_model  # imported lazily: the models package is optional here
-    name: Optional[str] = cfg.get("model_name")
-    if name is None:
-        raise ValueError(f"{path}: checkpoint has no model_name in its config; pass the model yourself")
-    model = create_model(name, **(cfg.get("model") or {}))
-    model.load_state_dict(ckpt["model"])
-    return model, ckpt
