@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt requirements-offline.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-fast venv clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-offline.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+test-fast: $(STAMP)  # the suite without the tests marked slow (trainings, torchrun, browsers): about a minute
+	$(PY) -m pytest tests -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -138,7 +138,7 @@ def test_npy_rows_read_and_write_by_position_and_equal_numpy(tmp_path):
     import numpy as np
 
     from tvrn.fileio import NpyRows
-    from tvrn.search.store import NpyRowWriter
+    from tvrn.fileio import NpyRowWriter
 
     g = np.random.default_rng(0)
     data = g.standard_normal((50, 3, 4)).astype(np.float16)
@@ -173,7 +173,7 @@ def test_folder_index_keeps_ids_and_captions_on_disk_and_older_folders_open(setu
     still opens; strings with a newline are refused when writing."""
     import json as _json
 
-    from tvrn.search.store import StringRows, write_strings
+    from tvrn.fileio import StringRows, write_strings
 
     index = setup[4]
     disk = SearchIndex.load(setup[3])

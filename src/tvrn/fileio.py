@@ -1,6 +1,8 @@
 """The one I/O module. Files that matter: atomic writes (a temporary file in the destination folder, fsync, then
 os.replace, so a reader, or a run resumed after a kill, sees the old file or the new one, never half of one) of
-bytes, text and JSON; sha256 of files; temporaries of killed writers; and checked loading of torch files (what is wrong with a file that is empty, truncated, damaged or no checkpoint at all, by its path,
+bytes, text and JSON; sha256 of files; temporaries of killed writers; `.npy` rows and strings read and written by
+position (pread / pwrite, no memory map: `NpyRows`, `NpyRowWriter`, `StringRows`, `write_strings`); and checked
+loading of torch files (what is wrong with a file that is empty, truncated, damaged or no checkpoint at all, by its path,
 before torch's own message and advice can reach a user)."""
 from __future__ import annotations
 
@@ -153,6 +155,121 @@ class NpyRows:
     def __array__(self, dtype=None, copy=None):
         whole = self[0 : self.shape[0]]
         return whole if dtype is None else whole.astype(dtype)
+
+
+def _close_fd(self) -> None:
+    """__del__ of StringRows: close the file it reads with pread."""
+    fd = getattr(self, "fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class NpyRowWriter:
+    """A preallocated `.npy` file of `shape`, filled by rows with pwrite (no memory map: a streaming build's
+    resident memory is the batch it writes, whatever the file's size). Rows never written read as zeros."""
+
+    def __init__(self, path: str | os.PathLike, shape: tuple, dtype):
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+        with open(self.path, "wb") as f:  # header, then the data area sized (sparse) to the whole array
+            np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                     "fortran_order": False, "shape": self.shape})
+            self.offset = f.tell()
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        os.truncate(self.path, self.offset + self.shape[0] * self.row_bytes)
+        self.fd = os.open(self.path, os.O_WRONLY)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """rows (B, *shape[1:]) of `dtype` -> file rows start .. start + B."""
+        if rows.shape[1:] != self.shape[1:] or rows.dtype != self.dtype:
+            raise ValueError(f"{self.path}: rows {rows.dtype} {rows.shape[1:]} do not fit {self.dtype} {self.shape[1:]}")
+        if start < 0 or start + rows.shape[0] > self.shape[0]:
+            raise ValueError(f"{self.path}: rows {start}..{start + rows.shape[0]} outside 0..{self.shape[0]}")
+        view = memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+        pos = self.offset + start * self.row_bytes
+        while len(view):
+            n = os.pwrite(self.fd, view, pos)
+            view, pos = view[n:], pos + n
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+    def abort(self) -> None:
+        """Close without flushing (a failed build, whose files are removed)."""
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+
+class StringRows:
+    """N strings kept on disk: a UTF-8 text file with one string per line, and the (N + 1,) int64 byte offsets of
+    the lines in an `.npy` beside it (`write_strings`). A string is read by pread when asked, so a gallery's ids
+    and captions take no memory however many there are. Sequence-like: len, [i], [a:b] (a list), iteration,
+    index(value)."""
+
+    def __init__(self, txt: str | os.PathLike, offsets: str | os.PathLike):
+        self.path = Path(txt)
+        self.offsets = NpyRows(offsets)
+        self.n = len(self.offsets) - 1
+        self.fd = os.open(self.path, os.O_RDONLY)
+        need, have = (int(self.offsets[self.n]) if self.n >= 0 else 0), os.fstat(self.fd).st_size
+        if self.n < 0 or have < need:  # a truncated file: refused on opening, not by the query that reaches its end
+            os.close(self.fd)
+            self.fd = None
+            raise ValueError(f"{self.path}: truncated ({have} bytes, its offsets need {need})" if self.n >= 0
+                             else f"{offsets}: no offsets")
+
+    __del__ = _close_fd
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self[i] for i in range(*key.indices(self.n))]
+        i = int(key) + self.n if key < 0 else int(key)
+        if not 0 <= i < self.n:
+            raise IndexError(f"string {key} out of range for {self.n} strings of {self.path}")
+        a, b = (int(x) for x in self.offsets[i : i + 2])
+        data = os.pread(self.fd, b - a, a)
+        if len(data) != b - a:
+            raise ValueError(f"{self.path}: truncated at string {i} (bytes {a}..{b})")
+        return data[:-1].decode("utf-8")  # without its newline
+
+    def __iter__(self):
+        with open(self.path, "rb") as f:  # binary: split on b"\n" only, as written
+            for _, line in zip(range(self.n), f):
+                yield line[:-1].decode("utf-8")
+
+    def index(self, value: str) -> int:
+        for i, v in enumerate(self):
+            if v == value:
+                return i
+        raise ValueError(f"{value!r} is not in {self.path}")
+
+
+def write_strings(txt: str | os.PathLike, offsets: str | os.PathLike, strings) -> int:
+    """Write `strings` one per line to `txt` (UTF-8) and their byte offsets to `offsets` -> the count. A string
+    with a newline is refused: the text file stays one string per line for any other reader."""
+    pos, offs = 0, [0]
+    with open(txt, "wb") as f:
+        for i, s in enumerate(strings):
+            if "\n" in s:
+                raise ValueError(f"{txt}: string {i} contains a newline: {s[:60]!r}")
+            data = s.encode("utf-8") + b"\n"
+            f.write(data)
+            pos += len(data)
+            offs.append(pos)
+    np.save(offsets, np.asarray(offs, dtype=np.int64))
+    return len(offs) - 1
 
 
 def _path_error(path: str, problem: str) -> Exception:

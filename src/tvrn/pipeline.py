@@ -33,7 +33,7 @@ def resolve_config(config: str | dict, overrides: Sequence[str] = ()) -> dict:
     cfg.setdefault("model", {}).setdefault("name", "tvrn_sgr")
     cfg.pop("eval", None)  # a section of earlier versions that nothing read
     cfg["data"] = dataclasses.asdict(DataConfig.from_dict(cfg.get("data", {})))
-    TrainConfig.from_dict(cfg.setdefault("train", {}))  # unknown train keys fail here, naming them
+    cfg["train"] = dataclasses.asdict(TrainConfig.from_dict(cfg.get("train", {})))  # unknown keys fail, named
     return cfg
 
 
@@ -163,9 +163,9 @@ def train_from_config(cfg: dict, out_dir: str | os.PathLike, resume: bool | str 
 
 
 def run_config(cfg: dict, out_dir: str | os.PathLike) -> dict:
-    """The run config as OUT/run.json records it: every TrainConfig field filled in, train.out_dir = out_dir."""
-    tcfg = TrainConfig.from_dict({**cfg["train"], "out_dir": str(out_dir)})
-    return dict(cfg, train=dataclasses.asdict(tcfg))
+    """The run config (from `resolve_config`, every field filled in) as OUT/run.json records it:
+    train.out_dir = out_dir."""
+    return dict(cfg, train={**cfg["train"], "out_dir": str(out_dir)})
 
 
 def can_resume(cfg: dict, out_dir: str | os.PathLike) -> bool:

@@ -21,7 +21,6 @@ writers take the index to write: this module does not import `tvrn.search.index`
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -34,7 +33,9 @@ import torch
 from ..checkpoint import atomic_save
 from ..fileio import sha256_file, stale_temporaries, temporary_sibling
 from .errors import SearchIndexError
-from .store import FieldStore, FieldWriter, NpyRows, NpyRowWriter, StringRows, write_strings
+from ..fileio import NpyRows, NpyRowWriter, StringRows, write_strings
+from ..tensors import tensor_fields
+from .store import FieldStore, FieldWriter
 from .vectors import _train_count, _Vectors, build_faiss, check_faiss, read_faiss, write_faiss
 
 FORMAT, VERSION = "tvrn-index", 1
@@ -47,11 +48,6 @@ def _reason(e: BaseException) -> str:
         return f"no {e.args[0]!r} entry" if e.args else "a missing entry"
     text = (str(e).strip().splitlines() or [""])[0][:300]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _fields(enc) -> dict[str, torch.Tensor]:
-    return {f.name: getattr(enc, f.name) for f in dataclasses.fields(enc)
-            if isinstance(getattr(enc, f.name), torch.Tensor)}
 
 
 def captions_by_image(caption_to_image, n_images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,8 +65,8 @@ def write_file(index, path: str | os.PathLike) -> None:
                  "split": index.split, "image_dir": index.image_dir, "image_ids": list(index.image_ids),
                  "captions": list(index.captions),
                  "caption_to_image": torch.as_tensor(np.asarray(index.caption_to_image)).long(),
-                 "enc_images": _fields(index.images.get(torch.arange(index.num_images))),
-                 "enc_texts": _fields(index.texts.get(torch.arange(index.num_captions)))}, path)
+                 "enc_images": tensor_fields(index.images.get(torch.arange(index.num_images))),
+                 "enc_texts": tensor_fields(index.texts.get(torch.arange(index.num_captions)))}, path)
 
 
 def load_file(cls, path):
@@ -260,8 +256,7 @@ class _IndexWriter:
 
         if self.texts is None:  # captions of all lengths in one file: the word axis at the longest
             L = self.max_words or enc.mask.shape[1]
-            shapes = {f.name: (L, *getattr(enc, f.name).shape[2:]) for f in dataclasses.fields(enc)
-                      if f.name in WORD_AXIS_FIELDS and isinstance(getattr(enc, f.name), torch.Tensor)}
+            shapes = {k: (L, *t.shape[2:]) for k, t in tensor_fields(enc).items() if k in WORD_AXIS_FIELDS}
             self.texts = FieldWriter(self.tmp / "texts", self.n_captions, self.dtype, max_shape=shapes)
         self.texts.write(start, enc)
         self._vectors("text", start, vectors)

@@ -40,7 +40,8 @@ from .build import build_folder, build_in_memory, check_model_recipe
 from .errors import SearchIndexError
 from .formats import captions_by_image, load_file, load_folder, write_file, write_folder
 from .shortlist import shortlist_embeddings
-from .store import FieldStore, NpyRows, StringRows
+from ..fileio import NpyRows, StringRows
+from .store import FieldStore
 from .vectors import FaissSpecError, _Vectors, check_faiss  # noqa: F401  (FaissSpecError, check_faiss: exported)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".PNG", ".JPG", ".JPEG", ".WEBP")

@@ -140,7 +140,9 @@ class _Vectors:
         return self.vectors.shape[0]
 
     def row(self, i: int) -> torch.Tensor:
-        return torch.as_tensor(np.array(self.vectors[i : i + 1], dtype=np.float32))
+        """(1, D) float32: row i, from RAM (a tensor) or from disk (NpyRows gives a fresh ndarray)."""
+        rows = self.vectors[i : i + 1]
+        return (rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows)).to(torch.float32)
 
     def top(self, queries: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (Q, D) -> (indices (Q, m), cosines (Q, m)), best first: FAISS when the index has one, else exact
