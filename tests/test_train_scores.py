@@ -363,3 +363,28 @@ def test_kept_grid_graph_gives_the_plain_paths_gradients(name, refine):
     _assert_grads_close(g0, g1, 1e-9)
     for a, b in zip(e0, e1):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["tvrn_sgr", "scan_t2i", "vse"])
+def test_model_call_with_gradients_is_bounded_by_default_and_plain_only_when_asked(name, monkeypatch):
+    """model(images, texts) with gradients goes through score_all_train (blocks of memory_budget_mb, recomputed in
+    backward) unless memory_budget_mb=None asks for the plain path; both give the same scores and gradients
+    (float64). VSE, whose pair work is one matmul, always takes the plain path."""
+    import tvrn.models.base as base
+
+    calls = []
+    real = base.score_all_train
+    monkeypatch.setattr(base, "score_all_train", lambda *a, **k: calls.append(k["memory_budget_mb"]) or real(*a, **k))
+    model = build(name).double().train()
+    images, texts = _double(make_images(4), make_texts(model, 4, lengths=(5, 3, 5, 2)))
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = []
+    for budget in ({}, {"memory_budget_mb": None}):
+        model.zero_grad()
+        torch.manual_seed(0)
+        S = model(images, texts, **budget)
+        (S * w).sum().backward()
+        grads.append((S.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    assert calls == ([] if name == "vse" else [512.0])  # the default budget; None: not called
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-10, rtol=0)
+    _assert_grads_close(grads[1][1], grads[0][1], 1e-9)
