@@ -151,7 +151,8 @@ def grid_layout(images: EncodedImages, texts: EncodedTexts) -> tuple[EncodedImag
 
 
 class RetrievalModel(nn.Module):
-    """Base of every model: encode_image, encode_text, score (Ni, Nt), forward = score of the encodings.
+    """Base of every model: encode_image, encode_text, score (Ni, Nt); forward = the scores of a batch (bounded
+    memory with gradients: `train_scores`).
 
     Models with pair work worth blocking (TVRN, SGRAF, SCAN) also define `score_pairs(images, texts) -> (P,)`,
     the plain equations for aligned pairs (images[p], texts[p]); the training path
@@ -160,8 +161,8 @@ class RetrievalModel(nn.Module):
 
     `encode_image(images, record=None)` and `score_pairs(images, texts, record=None)` take an optional dict that
     receives the intermediates the computation used (attention weights, gates, similarity nodes): what
-    `tvrn.models.explain.explain_pairs(model, images, texts)` reads, so an explanation comes from the code that scores. None (the
-    default, and every scoring call) records nothing and changes nothing.
+    `tvrn.models.explain.explain_pairs(model, images, texts)` reads, so an explanation comes from the code that
+    scores. None (the default, and every scoring call) records nothing and changes nothing.
     """
 
     config: ModelConfig
