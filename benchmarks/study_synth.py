@@ -132,7 +132,9 @@ def one_run(a, suite: str, name: str, seed: int) -> dict:
     from tvrn.demo import read_curve, twin_accuracy
     from tvrn.evaluation import evaluate
     from tvrn.metrics import rank_metrics, t2i_ranks
-    from tvrn.pipeline import load_trained, resolve_config, run_config, run_environment, score_split, train_from_config
+    from tvrn.checkpoint import load_trained
+    from tvrn.evaluation import score_split
+    from tvrn.pipeline import resolve_config, run_config, run_environment, train_from_config
 
     torch.set_num_threads(a.threads)
     overrides = SUITES[suite][name]
@@ -188,7 +190,8 @@ def rewrite_rows(out: Path, rows: list[dict]) -> None:
 def add_pointing(a) -> None:
     """Rows without a pointing game whose best-dev checkpoint is still in --runs gain `pointing_game`, computed
     as `one_run` computes it for new runs. Rewrites --out in place."""
-    from tvrn.pipeline import load_trained, resolve_config
+    from tvrn.checkpoint import load_trained
+    from tvrn.pipeline import resolve_config
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -233,7 +236,9 @@ def rescore_per_pair(a) -> None:
     from tvrn.data import load_split
     from tvrn.demo import twin_accuracy
     from tvrn.evaluation import evaluate
-    from tvrn.pipeline import load_trained, model_variant, resolve_config, score_split
+    from tvrn.checkpoint import load_trained
+    from tvrn.evaluation import score_split
+    from tvrn.pipeline import model_variant, resolve_config
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)
