@@ -31,9 +31,10 @@ class DemoEntry:
 
 
 DEMO_ENTRIES = (  # the first entry's run is indexed for `tvrn serve`
-    # TVRN without gradient clipping: with the sum loss, clipping at 2.0 kept it at its start-up plateau for one
-    # to three epochs depending on float rounding (test RSUM 449-490 after six epochs across threads and CPU
-    # kernels); unclipped it leaves it in the first epoch (462-474). docs/demo.md.
+    # TVRN without gradient clipping: with the sum loss, clipping at 2.0 kept seed 0 at its start-up plateau for
+    # one to three epochs depending on float rounding (test RSUM 449-490 after six epochs across threads and CPU
+    # kernels); unclipped seed 0 leaves it in the first epoch, but seeds 1 and 2 do not (test RSUM 370-481 over
+    # seeds 0-3). docs/demo.md.
     DemoEntry("TVRN", ["model.name=tvrn_sgr", "train.grad_clip=0"]),
     DemoEntry("SGRAF (SGR)", ["model.name=sgraf_sgr"]),
     DemoEntry("VSE", ["model.name=vse"]),
@@ -42,11 +43,11 @@ DEMO_ENTRIES = (  # the first entry's run is indexed for `tvrn serve`
 # printed under the table by `tvrn demo`: what the numbers mean and how far they move between machines
 # (measured: docs/demo.md)
 TABLE_NOTE = (
-    "Six epochs of each model, train.seed 0, best dev checkpoint. Identical to the digit for the same thread count\n"
-    "and CPU kernels (run.json: env.threads, env.cpu_capability). Measured with 1 and 2 threads and with AVX2\n"
-    "instead of AVX-512 kernels: VSE's row did not move, SGRAF's moved by at most 2.4 RSUM (twin accuracy 1.2),\n"
-    "TVRN's by up to 12 RSUM (462-474; twin accuracy 51.6-55.4): TVRN is past its start-up, but its row is not\n"
-    "yet within +-3. Which model is better, and whether TVRN's modules bind attributes (twin accuracy):\n"
+    "Six epochs of each model, train.seed 0, best dev checkpoint. Identical to the digit for the same code, thread\n"
+    "count and CPU kernels (run.json: env.threads, env.cpu_capability); elsewhere rows move. VSE's did not in any\n"
+    "run measured; SGRAF's moved by up to 3.1 RSUM. TVRN's is not stable: its start-up plateau lasts one to three\n"
+    "epochs depending on the run, and with seeds 0-3 (which stand for other machines) this recipe ended at 370-481\n"
+    "RSUM (docs/demo.md). Which model is better, and whether TVRN's modules bind attributes (twin accuracy):\n"
     "docs/study.md (ten epochs, three seeds).")
 
 
