@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from .checkpoint import load_trained
-from .checkpoint.folder import (DEFAULT_ADJACENCY_THRESHOLD, MissingExtraError, _read_json, _run_dir_of,
-                                _training_data, feature_record, is_model_source, load_folder)
+from .scoring.encode import model_device
+from .checkpoint.folder import (DEFAULT_ADJACENCY_THRESHOLD, MissingExtraError, feature_record, is_model_source,
+                                load_folder, read_json_or_none, run_dir_of, training_data)
 
 
 class Scorer:
@@ -43,9 +44,7 @@ class Scorer:
 
     @property
     def device(self) -> torch.device:
-        for p in self.model.parameters():
-            return p.device
-        return torch.device("cpu")
+        return model_device(self.model)
 
     def to(self, device) -> "Scorer":
         self.model.to(device)
@@ -245,9 +244,9 @@ def load(source, device=None, batch_size: int = 128, verify: bool = True, bert_p
         features = cfg.get("features") or feature_record(model, None)
     else:
         model, tokenizer, ckpt_cfg = load_trained(source)
-        run_dir = _run_dir_of(Path(source))
-        run = _read_json(run_dir / "run.json") if run_dir is not None else None
-        features = feature_record(model, _training_data(ckpt_cfg, run))
+        run_dir = run_dir_of(Path(source))
+        run = read_json_or_none(run_dir / "run.json") if run_dir is not None else None
+        features = feature_record(model, training_data(ckpt_cfg, run))
         cfg = {"model_name": ckpt_cfg.get("model_name"), "model": ckpt_cfg.get("model")}
     if device is not None:
         model.to(device)

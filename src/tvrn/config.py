@@ -22,13 +22,30 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, ClassVar, Iterable, Optional
 
 from .fileio import write_json
 
 
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file or key."""
+
+
+class _Section:
+    """`from_dict` of the run config's typed sections: unknown keys are refused by name."""
+
+    section: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown {cls.section} config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """The run config's data section: where the features are and how evaluation batches them."""
 
     root: Optional[str] = None  # precomp folder (SPLIT_ims.npy, SPLIT_caps.txt, ...)
@@ -41,16 +58,7 @@ class DataConfig:
     block_images: int = 128  # scorer block: images x captions scored at once
     block_texts: int = 512
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "DataConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown data config keys: {sorted(unknown)}")
-        return cls(**d)
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the file or key."""
+    section: ClassVar[str] = "data"
 
 
 def _preset_dir():
@@ -301,7 +309,7 @@ _MISSING = _Missing()
 
 # ------------------------------------------------------------------------------------------------ training
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Training settings; JSON-able (dataclasses.asdict). Defaults: batch 128, the hardest-negative loss (VSE++
     max violation, summed over queries), the TVRN authors' lr schedule (2e-4, x0.05 at epoch 20) and gradient
     clipping (2.0). The defaults are not the authors' whole recipe: they trained with batch 64 and the published
@@ -350,13 +358,7 @@ class TrainConfig:
     shortlist_loss_weight: float = 0.0  # > 0: add weight * sum-hinge loss on the (B, B) cosines of the model's
                                        # shortlist embeddings, which two-stage search uses (tvrn.search)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        return cls(**d)
+    section: ClassVar[str] = "train"
 
 
 # TrainConfig fields a resume may change: how long to train and how to log or load, not what is computed

@@ -44,8 +44,8 @@ DEMO_ENTRIES = (  # the first entry's run is indexed for `tvrn serve`
 # (measured: docs/demo.md)
 TABLE_NOTE = (
     "Six epochs of each model, train.seed 0, best dev checkpoint. Identical to the digit for the same code, thread\n"
-    "count and CPU kernels (run.json: env.threads, env.cpu_capability); elsewhere rows move. VSE's did not in any\n"
-    "run measured; SGRAF's moved by up to 3.1 RSUM. TVRN's is not stable: its start-up plateau lasts one to three\n"
+    "count and CPU kernels (run.json: env.threads, env.cpu_capability); elsewhere rows move. Over thread counts and\n"
+    "kernels, VSE's did not and SGRAF's moved by up to 3.1 RSUM. TVRN's is not stable: its start-up plateau lasts 1-3\n"
     "epochs depending on the run, and with seeds 0-3 (which stand for other machines) this recipe ended at 370-481\n"
     "RSUM (docs/demo.md). Which model is better, and whether TVRN's modules bind attributes (twin accuracy):\n"
     "docs/study.md (ten epochs, three seeds).")

@@ -20,10 +20,10 @@ import torch
 
 from . import __version__
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .checkpoint.folder import (CARD, CONFIG, FORMAT, VERSION, VOCAB, WEIGHTS, ModelFolderError, _folder_of,
-                                _looks_like_model_config, _manifest_extractor, _read_json, _reason, _run_dir_of, _training_data, feature_record,
-                                is_hub_name, load_folder, read_weights)
-from .fileio import sha256_file, stale_temporaries, temporary_sibling, write_text
+from .checkpoint.folder import (CARD, CONFIG, FORMAT, VERSION, VOCAB, WEIGHTS, ModelFolderError, feature_record,
+                                folder_of, is_hub_name, load_folder, looks_like_model_config, manifest_extractor,
+                                read_json_or_none, read_weights, run_dir_of, training_data)
+from .fileio import error_reason, sha256_file, stale_temporaries, temporary_sibling, write_text
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -62,8 +62,8 @@ def _read_source(source) -> tuple[dict, str, Optional[Path]]:
     """What `export_model` exports -> (checkpoint-like dict, what it was read from, the run folder or None).
     A run folder gives its best.pt (else last.pt); a model folder is re-exported with what it records."""
     p = Path(source) if not is_hub_name(source) else None
-    if p is None or (p.is_dir() and (p / CONFIG).is_file() and _looks_like_model_config(p / CONFIG)):
-        folder = _folder_of(source)
+    if p is None or (p.is_dir() and (p / CONFIG).is_file() and looks_like_model_config(p / CONFIG)):
+        folder = folder_of(source)
         model, tokenizer, cfg = load_folder(folder)
         vocab = tokenizer.to_json_dict() if hasattr(tokenizer, "to_json_dict") else None
         return {"config": {"model_name": cfg["model_name"], "model": cfg["model"]},
@@ -73,7 +73,7 @@ def _read_source(source) -> tuple[dict, str, Optional[Path]]:
             if (p / name).is_file():
                 return load_checkpoint(p / name), str(p / name), p
         raise ModelFolderError(f"{p}: neither a training run (no best.pt or last.pt) nor a tvrn model folder")
-    return load_checkpoint(p), str(p), _run_dir_of(p)
+    return load_checkpoint(p), str(p), run_dir_of(p)
 
 
 def _metrics(ckpt: dict, run_dir: Optional[Path]) -> dict:
@@ -90,7 +90,7 @@ def _metrics(ckpt: dict, run_dir: Optional[Path]) -> dict:
     if best.get("epoch") is not None:
         out["best_epoch"] = best["epoch"]
     if run_dir is not None:
-        result = _read_json(run_dir / "result.json")
+        result = read_json_or_none(run_dir / "result.json")
         if isinstance(result, dict) and numbers(result):
             out["test"] = numbers(result)
         curve = []
@@ -136,7 +136,7 @@ def export_model(source, out: str | os.PathLike, data_root=None, command: Option
 
     out = Path(out)
     if out.exists() or out.is_symlink():
-        if not (out.is_dir() and _looks_like_model_config(out / CONFIG)):
+        if not (out.is_dir() and looks_like_model_config(out / CONFIG)):
             raise ModelFolderError(f"{out} exists and is not a tvrn model folder: not replaced; choose another "
                                    f"output")
         if not overwrite:
@@ -151,18 +151,18 @@ def export_model(source, out: str | os.PathLike, data_root=None, command: Option
     try:
         model, tokenizer = model_from_checkpoint(ckpt, source=read_from)
     except RuntimeError as e:  # load_state_dict: names / shapes that do not fit the config
-        raise ModelFolderError(f"{read_from}: its weights do not fit its model config ({_reason(e)})") from None
+        raise ModelFolderError(f"{read_from}: its weights do not fit its model config ({error_reason(e)})") from None
     state = _state_for_file(ckpt["model"], read_from)
     previous = ckpt.get("folder_config")  # re-export of a model folder: keep what it records
-    run = _read_json(run_dir / "run.json") if run_dir is not None else None
+    run = read_json_or_none(run_dir / "run.json") if run_dir is not None else None
     if previous is not None:
         features = dict(previous.get("features") or {})
         if data_root is not None:
-            features.update(extract=_manifest_extractor(data_root), data_root=str(data_root))
+            features.update(extract=manifest_extractor(data_root), data_root=str(data_root))
         training = previous.get("training") or {}
         provenance = dict(previous.get("source") or {})
     else:
-        data = _training_data(config, run, data_root)
+        data = training_data(config, run, data_root)
         features = feature_record(model, data)
         training = {"data": data, "train": (run or {}).get("train") or config.get("train"),
                     "metrics": _metrics(ckpt, run_dir) or None}

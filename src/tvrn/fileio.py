@@ -276,6 +276,15 @@ def _path_error(path: str, problem: str) -> Exception:
     return ValueError(f"{path}: {problem}")
 
 
+def error_reason(e: BaseException) -> str:
+    """One line for an error inside a message about a file: its type and first line, bounded (never an object
+    repr); a KeyError says which entry is missing."""
+    if isinstance(e, KeyError):
+        return f"no {e.args[0]!r} entry" if e.args else "a missing entry"
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """UTF-8 text written atomically (`atomic_write`)."""
     data = text.encode("utf-8")

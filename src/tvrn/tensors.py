@@ -33,7 +33,11 @@ class TensorFields:
         return dataclasses.replace(self, **{k: fn(v) for k, v in self.tensor_fields().items()})
 
     def __len__(self) -> int:
-        return next(iter(self.tensor_fields().values())).shape[0]
+        for f in dataclasses.fields(self):  # the first tensor field's item count
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                return v.shape[0]
+        raise TypeError(f"{type(self).__name__} holds no tensor")
 
     def __getitem__(self: T, idx) -> T:
         """Items `idx` of every tensor field (an int keeps the item axis: b[3] has length 1)."""

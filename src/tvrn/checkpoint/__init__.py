@@ -35,28 +35,33 @@ def model_from_checkpoint(ckpt: dict, source: str = "<checkpoint>"):
     return model, build_tokenizer(model.config, vocab)
 
 
+def _load(path, map_location):
+    """-> (model, tokenizer, checkpoint config dict, the checkpoint dict, or None for a folder / hub name)."""
+    if is_model_source(path):  # the one place a folder is read where a checkpoint is: every command takes both
+        model, tokenizer, folder_cfg = load_folder(path)
+        return model, tokenizer, trained_config(folder_cfg), None
+    ckpt = load_checkpoint(path, map_location)
+    model, tokenizer = model_from_checkpoint(ckpt, source=str(path))
+    return model, tokenizer, ckpt.get("config") or {}, ckpt
+
+
 def load_trained(path: str | os.PathLike, map_location="cpu"):
     """A checkpoint written by training (or `tvrn convert`), a model folder written by `tvrn export` or an
     `hf-hub:ORG/NAME` name -> (model in eval mode, tokenizer, checkpoint config dict)."""
-    model, tokenizer, cfg, _ = load_portable(path, map_location)
-    return model, tokenizer, cfg
+    return _load(path, map_location)[:3]
 
 
 def load_portable(path: str | os.PathLike, map_location="cpu"):
     """`load_trained`, plus the model as a self-contained checkpoint dict {"config": {model_name, model},
-    "model": state dict, "vocab": vocabulary or None} (what a search index stores beside its gallery)
-    -> (model, tokenizer, checkpoint config dict, portable dict)."""
-    if is_model_source(path):  # the one place a folder is read where a checkpoint is: every command takes both
-        model, tokenizer, folder_cfg = load_folder(path)
-        cfg = trained_config(folder_cfg)
-        portable = {"config": {k: cfg.get(k) for k in ("model_name", "model")}, "model": dict(model.state_dict()),
-                    "vocab": tokenizer.to_json_dict() if hasattr(tokenizer, "to_json_dict") else None}
-        return model, tokenizer, cfg, portable
-    ckpt = load_checkpoint(path, map_location)
-    model, tokenizer = model_from_checkpoint(ckpt, source=str(path))
-    cfg = ckpt.get("config") or {}
-    portable = {"config": {k: cfg.get(k) for k in ("model_name", "model")}, "model": ckpt["model"],
-                "vocab": ckpt.get("vocab")}
+    "model": state dict, "vocab": vocabulary or None} (what a search index stores beside its gallery): a
+    checkpoint's tensors as stored, a folder's as loaded -> (model, tokenizer, checkpoint config dict, portable)."""
+    model, tokenizer, cfg, ckpt = _load(path, map_location)
+    if ckpt is not None:
+        state, vocab = ckpt["model"], ckpt.get("vocab")
+    else:
+        state = dict(model.state_dict())
+        vocab = tokenizer.to_json_dict() if hasattr(tokenizer, "to_json_dict") else None
+    portable = {"config": {k: cfg.get(k) for k in ("model_name", "model")}, "model": state, "vocab": vocab}
     return model, tokenizer, cfg, portable
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..fileio import sha256_file
+from ..fileio import error_reason, sha256_file
 from .file import CheckpointError
 from .tokenizer import build_tokenizer
 
@@ -48,11 +48,6 @@ class ModelFolderError(CheckpointError):
 
 class MissingExtraError(ImportError, ValueError):
     """An optional dependency is missing; the message says which extra of tvrn to install."""
-
-
-def _reason(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [""])[0][:300]
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def is_hub_name(source) -> bool:
@@ -86,13 +81,14 @@ def resolve_hub(name: str) -> Path:
     except Exception as e:  # huggingface_hub's errors: not cached offline, no such repo, no network, ...
         where = f" in the cache {cache}" if cache else ""
         raise ModelFolderError(f"{name}: cannot be resolved{where}"
-                               f"{' (HF_HUB_OFFLINE=1: the local cache only)' if offline else ''} ({_reason(e)})") \
+                               f"{' (HF_HUB_OFFLINE=1: the local cache only)' if offline else ''} ({error_reason(e)})") \
             from None
     return Path(folder)
 
 
 # ------------------------------------------------------------------------------------------------- reading
-def _looks_like_model_config(path: Path) -> bool:
+def looks_like_model_config(path: Path) -> bool:
+    """Whether `path` is a readable config.json of this format (no further checks)."""
     try:
         return json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
@@ -118,7 +114,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     try:
         cfg = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFolderError(f"{folder}: {CONFIG} is not valid UTF-8 JSON ({_reason(e)})") from None
+        raise ModelFolderError(f"{folder}: {CONFIG} is not valid UTF-8 JSON ({error_reason(e)})") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
         hint = ""
@@ -165,7 +161,7 @@ def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise ModelFolderError(f"{folder}: {WEIGHTS} is missing") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ModelFolderError(f"{folder}: {WEIGHTS} is not a readable safetensors file ({_reason(e)})") from None
+        raise ModelFolderError(f"{folder}: {WEIGHTS} is not a readable safetensors file ({error_reason(e)})") from None
 
 
 def _read_vocab(folder: Path, cfg: dict):
@@ -200,16 +196,17 @@ def _build_model(folder: Path, cfg: dict, bert_path: Optional[str] = None) -> nn
     try:
         return create_model(cfg["model_name"], **model_cfg)
     except (KeyError, TypeError, ValueError) as e:
-        raise ModelFolderError(f"{folder}: {CONFIG} describes no model tvrn can build ({_reason(e)})") from None
+        raise ModelFolderError(f"{folder}: {CONFIG} describes no model tvrn can build ({error_reason(e)})") from None
 
 
-def _folder_of(source) -> Path:
+def folder_of(source) -> Path:
+    """The local folder of a model folder path or an `hf-hub:` name (resolved, downloaded unless offline)."""
     return resolve_hub(source) if is_hub_name(source) else Path(source)
 
 
 def folder_config(source) -> dict:
     """config.json of a model folder or `hf-hub:` name, checked (`read_config`)."""
-    return read_config(_folder_of(source))
+    return read_config(folder_of(source))
 
 
 def load_folder(source, verify: bool = True, bert_path: Optional[str] = None):
@@ -218,7 +215,7 @@ def load_folder(source, verify: bool = True, bert_path: Optional[str] = None):
     verify: check the sha256 of every file config.json lists (a flipped bit is refused, not used). bert_path:
     another location of the BERT a BERT model was built on (its architecture and word pieces), when the one
     recorded is not on this machine."""
-    folder = _folder_of(source)
+    folder = folder_of(source)
     cfg = read_config(folder)
     if verify:
         verify_folder(folder, cfg)
@@ -236,7 +233,7 @@ def load_folder(source, verify: bool = True, bert_path: Optional[str] = None):
     try:
         tokenizer = build_tokenizer(model.config, vocab)
     except (OSError, ValueError) as e:
-        raise ModelFolderError(f"{folder}: the tokenizer cannot be built ({_reason(e)})") from None
+        raise ModelFolderError(f"{folder}: the tokenizer cannot be built ({error_reason(e)})") from None
     return model, tokenizer, cfg
 
 
@@ -249,18 +246,19 @@ def trained_config(cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ recipe records
-def _read_json(path: Path):
+def read_json_or_none(path: Path):
+    """A JSON file's content, or None when it is missing or not JSON (records that are optional)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def _manifest_extractor(root) -> Optional[dict]:
+def manifest_extractor(root) -> Optional[dict]:
     """The extractor record (`RegionExtractor.describe()`) of a data folder made by `tvrn extract`, or None."""
     if not root:
         return None
-    man = _read_json(Path(root) / "manifest.json")
+    man = read_json_or_none(Path(root) / "manifest.json")
     if isinstance(man, dict) and man.get("format") == "tvrn-extract" and isinstance(man.get("extractor"), dict):
         return man["extractor"]
     return None
@@ -291,15 +289,16 @@ def feature_record(model: nn.Module, data: Optional[dict]) -> dict:
     return {"feature_size": int(model.config.img_dim), "num_regions": expected_regions(model.config),
             "boxes": needs_boxes(model),
             "adjacency_threshold": float(data.get("adjacency_threshold", DEFAULT_ADJACENCY_THRESHOLD)),
-            "extract": _manifest_extractor(root), "data_root": None if root is None else str(root)}
+            "extract": manifest_extractor(root), "data_root": None if root is None else str(root)}
 
 
-def _run_dir_of(ckpt_path: Path) -> Optional[Path]:
+def run_dir_of(ckpt_path: Path) -> Optional[Path]:
     """The training run folder a checkpoint lies in (its run.json beside it), or None."""
     return ckpt_path.parent if (ckpt_path.parent / "run.json").is_file() else None
 
 
-def _training_data(ckpt_cfg: dict, run: Optional[dict], data_root=None) -> Optional[dict]:
+def training_data(ckpt_cfg: dict, run: Optional[dict], data_root=None) -> Optional[dict]:
+    """The data section a model was trained with (run.json's, else the checkpoint's), data_root overriding its root."""
     data = dict((run or {}).get("data") or ckpt_cfg.get("data") or {})
     if data_root is not None:
         data["root"] = str(data_root)

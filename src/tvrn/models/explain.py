@@ -39,11 +39,11 @@ What each family has (None where it has nothing of the kind):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from typing import TYPE_CHECKING
+from ..scoring.encode import eval_mode, model_device
 
 if TYPE_CHECKING:
     from .base import EncodedImages, EncodedTexts, RetrievalModel
@@ -201,26 +201,6 @@ class PairExplanations:
         return out
 
 
-class _eval_no_grad:
-    def __init__(self, model):
-        self.model, self.was_training = model, model.training
-        self.grad = torch.no_grad()
-
-    def __enter__(self):
-        self.model.eval()
-        self.grad.__enter__()
-
-    def __exit__(self, *exc):
-        self.grad.__exit__(*exc)
-        self.model.train(self.was_training)
-
-
-def _device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def explain_pairs(model: RetrievalModel, images, texts) -> PairExplanations:
     """ImageBatch (P images), TextBatch (P captions) -> PairExplanations of the aligned pairs (images[p],
     texts[p]): the model encodes them (recording its image-side context weights) and scores each pair through
@@ -228,8 +208,8 @@ def explain_pairs(model: RetrievalModel, images, texts) -> PairExplanations:
     if len(images) != len(texts):
         raise ValueError(f"explain_pairs needs as many images as captions (aligned pairs), got {len(images)} and "
                          f"{len(texts)}")
-    device = _device(model)
-    with _eval_no_grad(model):
+    device = model_device(model)
+    with torch.no_grad(), eval_mode(model):
         image_record: dict = {}
         enc_i = model.encode_image(images.to(device), record=image_record)
         enc_t = model.encode_text(texts.to(device))
@@ -256,8 +236,8 @@ def explain_encoded(model: RetrievalModel, enc_images: EncodedImages, enc_texts:
 
     if len(enc_images) != len(enc_texts):
         raise ValueError(f"explain needs as many images as captions, got {len(enc_images)} and {len(enc_texts)}")
-    device = _device(model)
-    with _eval_no_grad(model):
+    device = model_device(model)
+    with torch.no_grad(), eval_mode(model):
         rec: dict = {}
         score = model.score_pairs(enc_images.to(device), enc_texts.to(device), record=rec)  # (P,)
     wmask, rmask = enc_texts.mask.bool().cpu(), enc_images.mask.bool().cpu()  # (P, L), (P, R)

@@ -29,9 +29,10 @@ def check_model_recipe(checkpoint_path, data_root) -> None:
     Nothing is refused when either recipe is unknown (features not made by `tvrn extract`)."""
     from ..extract.features import recipe_difference, same_recipe
     from ..extract.folder import MANIFEST
-    from .image_query import _manifest_extractor, model_extractor
+    from ..checkpoint.folder import manifest_extractor
+    from .image_query import model_extractor
 
-    gallery = _manifest_extractor(data_root)
+    gallery = manifest_extractor(data_root)
     if gallery is None:
         return
     train_root, model_data = model_extractor(checkpoint_path)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_save
-from ..fileio import sha256_file, stale_temporaries, temporary_sibling
+from ..fileio import error_reason, sha256_file, stale_temporaries, temporary_sibling
 from .errors import SearchIndexError
 from ..fileio import NpyRows, NpyRowWriter, StringRows, write_strings
 from ..tensors import tensor_fields
@@ -40,14 +40,6 @@ from .vectors import _train_count, _Vectors, build_faiss, check_faiss, read_fais
 
 FORMAT, VERSION = "tvrn-index", 1
 DIR_VERSION = 3  # the folder form (2: ids and captions loaded into RAM; 3: read from disk when asked)
-
-
-def _reason(e: BaseException) -> str:
-    """One line for an error inside a message (its first line, bounded; never an object repr)."""
-    if isinstance(e, KeyError):
-        return f"no {e.args[0]!r} entry" if e.args else "a missing entry"
-    text = (str(e).strip().splitlines() or [""])[0][:300]
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def captions_by_image(caption_to_image, n_images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +85,7 @@ def load_file(cls, path):
     except SearchIndexError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-        raise SearchIndexError(f"{path}: a damaged tvrn search index ({_reason(e)}); rebuild it with "
+        raise SearchIndexError(f"{path}: a damaged tvrn search index ({error_reason(e)}); rebuild it with "
                                f"`tvrn index`") from None
 
 
@@ -131,7 +123,7 @@ def load_folder(cls, path: Path, verify: bool, nprobe: Optional[int]):
     try:
         man = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SearchIndexError(f"{path}: manifest.json is not valid UTF-8 JSON ({_reason(e)}): the index is "
+        raise SearchIndexError(f"{path}: manifest.json is not valid UTF-8 JSON ({error_reason(e)}): the index is "
                                f"damaged; rebuild it with `tvrn index`") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT or man.get("version") not in (2, DIR_VERSION):
         raise SearchIndexError(f"{path}: manifest.json is not a tvrn index version 2 or {DIR_VERSION}")
@@ -189,7 +181,7 @@ def load_folder(cls, path: Path, verify: bool, nprobe: Optional[int]):
                                f"index is incomplete; rebuild it with `tvrn index`)") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, EOFError) as e:
         # truncated or damaged files (numpy, torch, FAISS and pickle errors), a manifest lacking a key
-        raise SearchIndexError(f"{path}: {reading} cannot be read ({_reason(e)}): the index is damaged or "
+        raise SearchIndexError(f"{path}: {reading} cannot be read ({error_reason(e)}): the index is damaged or "
                                f"truncated; rebuild it with `tvrn index`") from None
 
 

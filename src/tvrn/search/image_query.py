@@ -27,25 +27,16 @@ import numpy as np
 import torch
 
 from ..extract.images import MAX_PIXELS
+from ..checkpoint.folder import manifest_extractor
 from .errors import SearchIndexError
 
 MAX_IMAGE_PIXELS = MAX_PIXELS  # pixel limit of a query image (larger: decoded reduced if JPEG, else refused)
 _EXTRACTORS: dict = {}  # (recipe, device) -> RegionExtractor, built once per process
 
 
-def _manifest_extractor(root) -> Optional[dict]:
-    from ..extract.folder import read_manifest
-
-    try:
-        man = read_manifest(root) if root and Path(root).is_dir() else None
-    except Exception:  # an unreadable manifest: treated as unknown
-        return None
-    return None if man is None else man["extractor"]
-
-
 def extract_record(checkpoint_path, data_root, adjacency_threshold: float) -> Optional[dict]:
     """What an index records about its gallery's features, or None when they were not made by `tvrn extract`."""
-    gallery = _manifest_extractor(data_root)
+    gallery = manifest_extractor(data_root)
     if gallery is None:
         return None
     train_root, model_data = model_extractor(checkpoint_path)
@@ -65,7 +56,7 @@ def model_extractor(checkpoint_path) -> tuple[Optional[str], Optional[dict]]:
         features = folder_config(checkpoint_path).get("features") or {}
         return features.get("data_root"), features.get("extract")
     train_root = _training_root(checkpoint_path)
-    return train_root, _manifest_extractor(train_root)
+    return train_root, manifest_extractor(train_root)
 
 
 def _training_root(checkpoint_path) -> Optional[str]:
