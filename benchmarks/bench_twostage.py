@@ -44,7 +44,8 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = resolve_config(a.preset, [f"data.root={a.data}", f"train.epochs={a.epochs}",
-                                        f"train.shortlist_loss_weight={a.weight}", *a.override])
+                                        f"train.shortlist_loss_weight={a.weight}",
+                                        "train.shortlist_loss_epochs=0", *a.override])
     if not (Path(a.data) / "manifest.json").exists():
         write_dataset(a.data, SynthConfig(test_images=a.test_images, render_images=False))
     t0 = time.time()

@@ -15,7 +15,8 @@ Two suites, each a grid of (configuration, seed) runs; every finished run is app
 - twins: the training signal. A uniform shuffle rarely puts both twins of a pair in one batch, so the loss
   rarely asks for binding; here `train.partner_file` (the twins of the train split) keeps them together.
 
-Each run: `demo_synth` widths (D=64, S=32), the sum-over-negatives loss, lr --lr for --epochs epochs with a drop
+Each run: `demo_synth` widths (D=64, S=32), the sum-over-negatives loss without the demo's first-epoch shortlist
+loss, lr --lr for --epochs epochs with a drop
 to a fifth at --milestone, early stop after --patience epochs without dev RSUM gain, the best-dev checkpoint
 evaluated on the test split: RSUM, twin accuracy (all twins, colour-swap twins, relation-flip twins), and
 text-to-image R@1 / R@5 per caption group from SPLIT_scenes.jsonl (captions that need attribute binding,
@@ -144,7 +145,8 @@ def one_run(a, suite: str, name: str, seed: int) -> dict:
         sets.append(f"train.partner_file={partner_file(root)}")
     cfg = resolve_config("demo_synth", [f"data.root={root}", *sets, f"train.seed={seed}", f"train.epochs={a.epochs}",
                                         f"train.lr={a.lr}", f"train.lr_milestones=[{a.milestone}]", "train.lr_gamma=0.2",
-                                        f"train.patience={a.patience}"])
+                                        f"train.patience={a.patience}",
+                                        "train.shortlist_loss_weight=0", "train.shortlist_loss_epochs=0"])
     run_dir = Path(a.runs) / suite / f"{slug(name)}_s{seed}"
     t0 = time.time()
     summary = train_from_config(cfg, run_dir, resume=True)

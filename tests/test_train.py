@@ -182,3 +182,49 @@ def test_partner_file_is_checked(tmp_path):
                                         "train.epochs=1"])
     with pytest.raises(ConfigError, match="expected a list of 4 image indices"):
         train_from_config(cfg, tmp_path / "run")
+
+
+def test_shortlist_loss_epochs_limit_the_auxiliary_loss_to_the_first_epochs(tmp_path):
+    """train.shortlist_loss_weight adds a sum-hinge loss on the shortlist cosines in every epoch, or with
+    train.shortlist_loss_epochs=1 in the first epoch only; each step's logged loss is the main loss plus
+    weight x the shortlist loss of that step's cosines."""
+    from helpers import build, make_images, make_texts
+    from tvrn.data.batch import PairBatch
+    from tvrn.losses import ContrastiveLoss
+
+    vocab_model = build("sgraf_sgr")
+    data = [PairBatch(make_images(4, seed=30 + k), make_texts(vocab_model, 4, seed=40 + k), torch.arange(4) + 10 * k)
+            for k in range(2)]
+
+    def run(epochs_on):
+        calls, main = [], []
+        torch.manual_seed(0)
+        m = build("sgraf_sgr").train()
+        cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, out_dir=str(tmp_path / str(epochs_on)), tensorboard=False,
+                          loss_mode="max", patience=0, log_every_steps=1, shortlist_loss_weight=0.5,
+                          shortlist_loss_epochs=epochs_on)
+        trainer = Trainer(m, cfg, loader_factory=lambda epoch: data)
+
+        class Recording(ContrastiveLoss):
+            def __init__(self, mode, into):
+                super().__init__(0.2, mode)
+                self.into = into
+
+            def forward(self, scores, image_ids=None):
+                loss = super().forward(scores, image_ids)
+                self.into.append((trainer._epoch, float(loss)))
+                return loss
+
+        trainer.loss_fn, trainer.warmup_loss_fn = Recording("max", main), Recording("sum", calls)
+        trainer.fit()
+        steps = [json.loads(x) for x in (tmp_path / str(epochs_on) / "metrics.jsonl").read_text().splitlines()]
+        return calls, main, [x for x in steps if x["kind"] == "step"]
+
+    calls, main, steps = run(1)
+    assert [e for e, _ in calls] == [0, 0] and [e for e, _ in main] == [0, 0, 1, 1]
+    for k, rec in enumerate(steps):
+        want = main[k][1] + (0.5 * calls[k][1] if k < 2 else 0.0)
+        assert rec["train/loss"] == pytest.approx(want, rel=1e-6)
+    calls, _, _ = run(0)
+    assert [e for e, _ in calls] == [0, 0, 1, 1]
+

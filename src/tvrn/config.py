@@ -356,7 +356,9 @@ class TrainConfig(_Section):
                                        # batches then hold partners' captions together (tvrn.train.sampling);
                                        # null: a uniform shuffle
     shortlist_loss_weight: float = 0.0  # > 0: add weight * sum-hinge loss on the (B, B) cosines of the model's
-                                       # shortlist embeddings, which two-stage search uses (tvrn.search)
+                                       # shortlist embeddings, which two-stage search uses (tvrn.search); it
+                                       # also ends the sum-hinge start-up plateau of SGRAF and TVRN early
+    shortlist_loss_epochs: int = 0  # > 0: the shortlist loss only in the first epochs (a warm-up); 0: every epoch
 
     section: ClassVar[str] = "train"
 

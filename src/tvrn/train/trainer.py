@@ -191,7 +191,7 @@ class Trainer:
         amp = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         warmup = self._epoch < cfg.sum_loss_epochs
         loss_fn = self.warmup_loss_fn if warmup else self.loss_fn
-        short_w = cfg.shortlist_loss_weight
+        short_w = self._shortlist_weight()
         if self._global_negatives():
             loss, logged = self._global_loss(batch, loss_fn, amp, warmup)
         else:
@@ -219,6 +219,14 @@ class Trainer:
             self.optimizer.step()
         return logged
 
+    def _shortlist_weight(self) -> float:
+        """The shortlist loss's weight this epoch: train.shortlist_loss_weight, for the first
+        train.shortlist_loss_epochs epochs only when that is set."""
+        cfg = self.config
+        if cfg.shortlist_loss_epochs and self._epoch >= cfg.shortlist_loss_epochs:
+            return 0.0
+        return cfg.shortlist_loss_weight
+
     def _global_negatives(self) -> bool:
         return self.dist.enabled and self.config.global_negatives and self.task.gathers_negatives
 
@@ -234,7 +242,7 @@ class Trainer:
         ids_all = [torch.empty_like(ids) for _ in range(self.dist.world_size)]
         dist.all_gather(ids_all, ids.contiguous())
         ids_all = torch.cat(ids_all)
-        short_w = self.config.shortlist_loss_weight
+        short_w = self._shortlist_weight()
         with amp:
             out = self.ddp(batch.images, batch.texts, warmup=warmup, return_shortlist=short_w > 0, gather=True)
         rows, cols, offset = out[:3]

@@ -1,0 +1,56 @@
+#!/bin/bash
+# How far the demo's table moves (issue 21): `tvrn demo --fresh` with train.seed 0-3 at one thread (two demos at a
+# time; other seeds stand for other machines, whose float rounding parts runs as a seed does), then seed 0 with two
+# threads (what `make demo` runs) and with two threads on AVX2 kernels (as another CPU would pick). Each row's test
+# RSUM and twin accuracy per run, their range, and the wall time of each demo.
+#   bash benchmarks/demo_spread.sh [OUT=runs/demo_spread]   -> OUT/*/results.json, benchmarks/results/demo_spread.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/demo_spread}
+[ -d data/synth ] || .venv/bin/tvrn synth data/synth
+mkdir -p "$OUT"
+demo() {  # name threads [env...] -- [tvrn demo args]
+  local name=$1 threads=$2; shift 2
+  local t0=$SECONDS
+  env OMP_NUM_THREADS="$threads" OMP_WAIT_POLICY=PASSIVE "$@" --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+  echo "$((SECONDS - t0))" > "$OUT/$name.seconds"
+}
+for pair in "0 1" "2 3"; do
+  for s in $pair; do demo "seed$s" 1 .venv/bin/tvrn demo --fresh --set train.seed="$s" & done
+  wait
+done
+demo threads2 2 .venv/bin/tvrn demo --fresh
+demo threads2_avx2 2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 .venv/bin/tvrn demo --fresh
+.venv/bin/python - "$OUT" <<'PY'
+import json, platform, sys
+from pathlib import Path
+
+import torch
+
+from tvrn.pipeline import cpu_model
+
+out = Path(sys.argv[1])
+runs = {"seed0": "seed 0, 1 thread", "seed1": "seed 1, 1 thread", "seed2": "seed 2, 1 thread",
+        "seed3": "seed 3, 1 thread", "threads2": "seed 0, 2 threads (make demo)",
+        "threads2_avx2": "seed 0, 2 threads, AVX2 kernels"}
+table = {}
+for name, what in runs.items():
+    res = json.loads((out / name / "results.json").read_text())
+    for row in res["rows"]:
+        table.setdefault(row["label"], {})[name] = {"rsum": round(row["rsum"], 1), "twin_acc": round(row["twin_acc"], 1),
+                                                   "best_epoch": row["best_epoch"]}
+    table.setdefault("_seconds", {})[name] = int((out / f"{name}.seconds").read_text())
+    table.setdefault("_env", {})[name] = {k: res["env"].get(k) for k in ("threads", "cpu_capability")}
+spread = {}
+for label, per in table.items():
+    if label.startswith("_"):
+        continue
+    r = [v["rsum"] for v in per.values()]
+    t = [v["twin_acc"] for v in per.values()]
+    spread[label] = {"rsum_min": min(r), "rsum_max": max(r), "rsum_range": round(max(r) - min(r), 1),
+                     "twin_min": min(t), "twin_max": max(t), "twin_range": round(max(t) - min(t), 1)}
+res = {"command": f"bash benchmarks/demo_spread.sh {out}", "runs": runs, "table": table, "spread": spread,
+       "torch": torch.__version__, "cpu_model": cpu_model(), "machine": platform.machine()}
+Path("benchmarks/results/demo_spread.json").write_text(json.dumps(res, indent=1) + "\n")
+print(json.dumps(spread, indent=1))
+PY
