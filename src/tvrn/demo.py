@@ -44,12 +44,12 @@ DEMO_ENTRIES = (  # the first entry's run is indexed for `tvrn serve`
 # printed under the table by `tvrn demo`: what the numbers mean and how far they move between machines
 # (measured: docs/demo.md)
 TABLE_NOTE = (
-    "Six epochs of each model, train.seed 0, best dev checkpoint. Identical to the digit for the same code, thread\n"
-    "count and CPU kernels (run.json: env.threads, env.cpu_capability); elsewhere rows move. Over thread counts and\n"
-    "kernels, VSE's did not and SGRAF's moved by up to 3.1 RSUM. TVRN's is not stable: its start-up plateau lasts 1-3\n"
-    "epochs depending on the run, and with seeds 0-3 (which stand for other machines) this recipe ended at 370-481\n"
-    "RSUM (docs/demo.md). Which model is better, and whether TVRN's modules bind attributes (twin accuracy):\n"
-    "docs/study.md (ten epochs, three seeds).")
+    "Six epochs of each model (the first with the shortlist loss as a warm-up), train.seed 0, best dev checkpoint.\n"
+    "Identical to the digit for the same code, thread count and CPU kernels (run.json: env.threads,\n"
+    "env.cpu_capability). Measured with another thread count and other kernels: TVRN's row moves by up to 0.8 RSUM\n"
+    "and 1.6 points of twin accuracy, SGRAF's by up to 4.6 and 3.4, VSE's not at all; over seeds 0-3 TVRN ends at\n"
+    "485-490 (docs/demo.md). Which model is better, and whether TVRN's modules bind attributes: docs/study.md\n"
+    "(ten epochs, three seeds).")
 
 
 def twin_accuracy(scores: torch.Tensor, caption_to_image: torch.Tensor, twin_of: np.ndarray) -> Optional[float]:

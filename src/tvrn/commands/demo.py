@@ -9,8 +9,8 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="generate the synthetic benchmark, train TVRN and baselines, compare them",
-        description="Generate the synthetic benchmark if missing, train TVRN, an ablation and the baselines "
+        "demo", help="generate the synthetic benchmark, train TVRN and two baselines, compare them",
+        description="Generate the synthetic benchmark if missing, train TVRN, SGRAF and VSE "
         "on it, evaluate them on its test split, print the comparison and save the dev RSUM plot.")
     p.add_argument("--data", default="data/synth", help="synthetic benchmark folder (default %(default)s)")
     p.add_argument("--out", default="runs/demo", help="where runs, results.json and the plot go")
