@@ -212,7 +212,7 @@ def test_shortlist_loss_epochs_limit_the_auxiliary_loss_to_the_first_epochs(tmp_
 
             def forward(self, scores, image_ids=None):
                 loss = super().forward(scores, image_ids)
-                self.into.append((trainer._epoch, float(loss)))
+                self.into.append((trainer._epoch, float(loss.detach())))
                 return loss
 
         trainer.loss_fn, trainer.warmup_loss_fn = Recording("max", main), Recording("sum", calls)
