@@ -18,7 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 RUNS = ("seed0", "threads2", "threads2_avx2")
@@ -29,7 +28,7 @@ def main(argv=None) -> int:
     from tvrn.data import load_split
     from tvrn.data.synth import SynthConfig, write_dataset
     from tvrn.demo import read_twins, twin_accuracy
-    from tvrn.evaluation import evaluate, fold_indices, score_split
+    from tvrn.evaluation import evaluate_protocol, score_split
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default="runs/demo_spread", help="OUT of benchmarks/demo_spread.sh")
@@ -48,11 +47,10 @@ def main(argv=None) -> int:
         for run in RUNS:
             model, tokenizer, cfg = load_trained(runs / run / model_dir / "best.pt")
             scores = score_split(model, test, tokenizer, cfg.get("data", {}))  # (1000, 5000)
-            folds = [evaluate(scores[r][:, caps], c2i[caps] - r.start)["rsum"]
-                     for r, caps in fold_indices(c2i, test.num_images, 5)]
+            folds = evaluate_protocol(scores, c2i, "coco_1k")  # COCO 1K's five folds of consecutive images, averaged
             shown = json.loads((runs / run / model_dir / "result.json").read_text())
-            rows.append({"model": model_dir, "run": run, "rsum_5x200": round(float(np.mean(folds)), 1),
-                         "rsum_folds": [round(f, 1) for f in folds],
+            rows.append({"model": model_dir, "run": run, "rsum_5x200": round(folds["rsum"], 1),
+                         "rsum_folds": [round(f["rsum"], 1) for f in folds["folds"]],
                          "twin_acc_1000": round(twin_accuracy(scores, c2i, twins), 1),
                          "rsum_demo_200": round(shown["rsum"], 1), "twin_acc_demo_200": round(shown["twin_acc"], 1)})
             print(json.dumps(rows[-1]), flush=True)

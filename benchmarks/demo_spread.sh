@@ -38,30 +38,34 @@ out = Path(sys.argv[1])
 runs = {"seed0": "seed 0, 1 thread", "seed1": "seed 1, 1 thread", "seed2": "seed 2, 1 thread",
         "seed3": "seed 3, 1 thread", "threads2": "seed 0, 2 threads (make demo)",
         "threads2_avx2": "seed 0, 2 threads, AVX2 kernels"}
-table = {}
-for name, what in runs.items():
+table, seconds, env = {}, {}, {}
+for name in runs:
     res = json.loads((out / name / "results.json").read_text())
     for row in res["rows"]:
         table.setdefault(row["label"], {})[name] = {"rsum": round(row["rsum"], 1), "twin_acc": round(row["twin_acc"], 1),
                                                    "best_epoch": row["best_epoch"]}
-    table.setdefault("_seconds", {})[name] = int((out / f"{name}.seconds").read_text())
-    table.setdefault("_env", {})[name] = {k: res["env"].get(k) for k in ("threads", "cpu_capability")}
+    seconds[name] = int((out / f"{name}.seconds").read_text())
+    env[name] = {k: res["env"].get(k) for k in ("threads", "cpu_capability")}
+
+
+def largest_distance(values, shown):
+    return round(max(abs(x - shown) for x in values), 1)
+
+
 spread = {}
 for label, per in table.items():
-    if label.startswith("_"):
-        continue
-    r = [v["rsum"] for v in per.values()]
-    t = [v["twin_acc"] for v in per.values()]
     shown = per["threads2"]  # what `make demo` prints on this machine (the README's table)
-    machines = [per[k] for k in ("seed0", "threads2", "threads2_avx2")]  # seed 0: thread counts and kernels only
-    spread[label] = {"rsum_min": min(r), "rsum_max": max(r), "rsum_range": round(max(r) - min(r), 1),
-                     "rsum_max_from_make_demo": round(max(abs(x - shown["rsum"]) for x in r), 1),
-                     "rsum_max_from_make_demo_seed0": round(max(abs(v["rsum"] - shown["rsum"]) for v in machines), 1),
-                     "twin_min": min(t), "twin_max": max(t), "twin_range": round(max(t) - min(t), 1),
-                     "twin_max_from_make_demo": round(max(abs(x - shown["twin_acc"]) for x in t), 1),
-                     "twin_max_from_make_demo_seed0": round(max(abs(v["twin_acc"] - shown["twin_acc"]) for v in machines), 1)}
+    seed0 = ("seed0", "threads2", "threads2_avx2")  # thread counts and kernels only
+    out_row = {}
+    for key, short in (("rsum", "rsum"), ("twin_acc", "twin")):
+        vals = [v[key] for v in per.values()]
+        out_row.update({f"{short}_min": min(vals), f"{short}_max": max(vals), f"{short}_range": round(max(vals) - min(vals), 1),
+                        f"{short}_max_from_make_demo": largest_distance(vals, shown[key]),
+                        f"{short}_max_from_make_demo_seed0": largest_distance([per[k][key] for k in seed0], shown[key])})
+    spread[label] = out_row
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-res = {"command": f"bash benchmarks/demo_spread.sh {out}", "code_commit": commit, "runs": runs, "table": table, "spread": spread,
+res = {"command": f"bash benchmarks/demo_spread.sh {out}", "code_commit": commit, "runs": runs, "table": table, "seconds": seconds,
+       "env": env, "spread": spread,
        "torch": torch.__version__, "cpu_model": cpu_model(), "machine": platform.machine()}
 Path("benchmarks/results/demo_spread.json").write_text(json.dumps(res, indent=1) + "\n")
 print(json.dumps(spread, indent=1))
