@@ -2,13 +2,16 @@
 # How far the demo's table moves (issue 21): `tvrn demo --fresh` with train.seed 0-3 at one thread (two demos at a
 # time; other seeds stand for other machines, whose float rounding parts runs as a seed does), then seed 0 with two
 # threads (what `make demo` runs) and with two threads on AVX2 kernels (as another CPU would pick). Each row's test
-# RSUM and twin accuracy per run, their range, how far each run is from what `make demo` prints, and the wall time
-# of each demo. A demo whose results are in OUT already is not run again (delete OUT/NAME to rerun it).
+# RSUM (the mean of the test split's five folds) and twin accuracy per run, their range, how far each run is from
+# what `make demo` prints, and the wall time of each demo. A demo whose results are in OUT already is not run again
+# (delete OUT/NAME to rerun it).
 #   bash benchmarks/demo_spread.sh [OUT=runs/demo_spread]   -> OUT/*/results.json, benchmarks/results/demo_spread.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/demo_spread}
-[ -d data/synth ] || .venv/bin/tvrn synth data/synth
+# the demo's benchmark, generated once before two demos start at the same time
+[ -f data/synth_demo/manifest.json ] || .venv/bin/python -c \
+  "from tvrn.data.synth import write_dataset; from tvrn.demo import DEMO_SYNTH; write_dataset('data/synth_demo', DEMO_SYNTH)"
 mkdir -p "$OUT"
 demo() {  # name threads [env...] -- [tvrn demo args]
   local name=$1 threads=$2; shift 2
@@ -38,14 +41,17 @@ out = Path(sys.argv[1])
 runs = {"seed0": "seed 0, 1 thread", "seed1": "seed 1, 1 thread", "seed2": "seed 2, 1 thread",
         "seed3": "seed 3, 1 thread", "threads2": "seed 0, 2 threads (make demo)",
         "threads2_avx2": "seed 0, 2 threads, AVX2 kernels"}
-table, seconds, env = {}, {}, {}
+table, seconds, eval_seconds, env, test = {}, {}, {}, {}, None
 for name in runs:
     res = json.loads((out / name / "results.json").read_text())
     for row in res["rows"]:
         table.setdefault(row["label"], {})[name] = {"rsum": round(row["rsum"], 1), "twin_acc": round(row["twin_acc"], 1),
-                                                   "best_epoch": row["best_epoch"]}
+                                                   "best_epoch": row["best_epoch"],
+                                                   "rsum_folds": [round(f["rsum"], 1) for f in row["folds"]]}
+        eval_seconds.setdefault(name, {})[row["label"]] = round(row["eval_seconds"], 1)
     seconds[name] = int((out / f"{name}.seconds").read_text())
     env[name] = {k: res["env"].get(k) for k in ("threads", "cpu_capability")}
+    test = res["test"]  # the same test split and folds for every run
 
 
 def largest_distance(values, shown):
@@ -64,8 +70,8 @@ for label, per in table.items():
                         f"{short}_max_from_make_demo_seed0": largest_distance([per[k][key] for k in seed0], shown[key])})
     spread[label] = out_row
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-res = {"command": f"bash benchmarks/demo_spread.sh {out}", "code_commit": commit, "runs": runs, "table": table, "seconds": seconds,
-       "env": env, "spread": spread,
+res = {"command": f"bash benchmarks/demo_spread.sh {out}", "code_commit": commit, "runs": runs, "test": test,
+       "table": table, "seconds": seconds, "eval_seconds": eval_seconds, "env": env, "spread": spread,
        "torch": torch.__version__, "cpu_model": cpu_model(), "machine": platform.machine()}
 Path("benchmarks/results/demo_spread.json").write_text(json.dumps(res, indent=1) + "\n")
 print(json.dumps(spread, indent=1))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tvrn.cli import main
+from tvrn.data import load_split
 from tvrn.data.synth import SynthConfig, write_dataset
 from tvrn.demo import DEMO_ENTRIES, DemoEntry, format_table, run_demo, twin_accuracy
 
@@ -140,8 +141,10 @@ def test_demo_command_end_to_end_on_a_tiny_configuration(tmp_path, capsys):
     data, out = tmp_path / "synth", tmp_path / "runs"
     write_dataset(data, SynthConfig(seed=3, train_images=12, dev_images=4, test_images=4))
     tiny = ["model.embed_size=16", "model.sim_dim=8", "model.word_dim=8", "train.epochs=1", "train.batch_size=10"]
-    assert main(["demo", "--data", str(data), "--out", str(out), *[a for o in tiny for a in ("--set", o)]]) == 0
+    args = ["demo", "--data", str(data), "--out", str(out), "--fold-images", "2", *[a for o in tiny for a in ("--set", o)]]
+    assert main(args) == 0
     text = capsys.readouterr().out
+    assert "4 images (mean of 2 folds of 2 images, each against its own captions)" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
     assert [r.split("|")[1].strip() for r in rows] == [e.label for e in DEMO_ENTRIES]
     assert "dev RSUM curves: " + str(out / "dev_rsum.png") in text
@@ -154,7 +157,7 @@ def test_demo_command_end_to_end_on_a_tiny_configuration(tmp_path, capsys):
     summary = json.loads((out / "results.json").read_text())
     assert summary["index"] == str(out / "test.index") and summary["env"]["threads"] == torch.get_num_threads()
     # again: every run and the index are reused, nothing retrained
-    assert main(["demo", "--data", str(data), "--out", str(out), *[a for o in tiny for a in ("--set", o)]]) == 0
+    assert main(args) == 0
     again = capsys.readouterr().out
     assert again.count("already trained") == len(DEMO_ENTRIES) and "search index: already built" in again
 
@@ -192,14 +195,16 @@ def test_demo_command_generates_the_benchmark_on_a_fresh_checkout(tmp_path, monk
     calls = []
 
     def fake_run_demo(data, out, **kw):
-        calls.append((Path(data), Path(out)))
-        return {"rows": [], "plot": None}
+        calls.append((Path(data), Path(out), kw["fold_images"]))
+        return {"rows": [], "plot": None, "test": {"images": 1000, "captions": 5000, "folds": 5, "fold_images": 200}}
 
     monkeypatch.setattr(tvrn.demo, "run_demo", fake_run_demo)
     monkeypatch.setattr(tvrn.demo, "format_table", lambda rows: "(table)")
     data, out = tmp_path / "synth", tmp_path / "runs"
     assert main(["demo", "--data", str(data), "--out", str(out)]) == 0
     assert (data / "manifest.json").exists() and (data / "test_ims.npy").exists()
-    assert calls == [(data, out)]
+    assert len(load_split(data, "test").caption_to_image) == 5000  # the demo's benchmark: 1,000 test images
+    assert calls == [(data, out, 200)]
     text = capsys.readouterr().out
     assert "generating the synthetic benchmark" in text and "done in" in text and "(table)" in text
+    assert "1000 images (mean of 5 folds of 200 images, each against its own captions)" in text

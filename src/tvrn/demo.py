@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from .checkpoint import load_trained
-from .data import load_split
-from .evaluation import evaluate, score_split
+from .data import PrecompSplit, load_split
+from .data.synth import SynthConfig
+from .evaluation import encode_split, evaluate_folds, score_folds
+from .scoring import score_all
 from .fileio import write_json
 from .pipeline import can_resume, resolve_config, run_environment, train_from_config
 
@@ -41,6 +43,13 @@ DEMO_ENTRIES = (  # the first entry's run is indexed for `tvrn serve`
     DemoEntry("VSE", ["model.name=vse", "train.shortlist_loss_weight=0"]),
 )
 
+# The demo's benchmark: the standard synthetic one (`tvrn synth`; train and dev byte-identical to it) with a
+# 1,000-image test split, scored as five folds of 200 images, each against its own 1,000 captions (COCO 1K's
+# protocol at a fifth of the scale, so recalls are on the 200-image split's scale): a fold is as hard as the
+# standard test split, and the mean of five moves a fifth as much between runs (docs/demo.md "How far it moves").
+DEMO_SYNTH = SynthConfig(test_images=1000)
+DEMO_FOLD_IMAGES = 200
+
 # printed under the table by `tvrn demo`: what the numbers mean and how far they move between machines
 # (measured: docs/demo.md)
 TABLE_NOTE = (
@@ -52,20 +61,44 @@ TABLE_NOTE = (
     "(ten epochs, three seeds).")
 
 
+def _twin_captions(caption_to_image: torch.Tensor, twin_of: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (captions of twinned images (n,) long, in caption order; the twin image of each (n,) long)."""
+    c2i = torch.as_tensor(caption_to_image).long().reshape(-1)
+    twin = torch.as_tensor(np.asarray(twin_of)).long()[c2i]  # (N_caps,) twin image of each caption's image, or -1
+    caps = torch.nonzero(twin >= 0).reshape(-1)
+    return caps, twin[caps]
+
+
 def twin_accuracy(scores: torch.Tensor, caption_to_image: torch.Tensor, twin_of: np.ndarray) -> Optional[float]:
     """scores (N_img, N_caps); twin_of (N_img,) image index of each image's twin or -1.
 
     Fraction of captions of twinned images with s(own image, c) > s(twin, c), in percent (None if no twins).
     """
-    c2i = torch.as_tensor(caption_to_image).long()
-    twin = torch.as_tensor(twin_of).long()[c2i]  # (N_caps,) twin image of each caption's image, or -1
-    keep = twin >= 0
-    if not bool(keep.any()):
+    caps, twin = _twin_captions(caption_to_image, twin_of)
+    if not len(caps):
         return None
-    caps = torch.nonzero(keep).reshape(-1)
-    own = scores[c2i[caps], caps]
-    other = scores[twin[caps], caps]
-    return float((own > other).float().mean() * 100)
+    own = scores[torch.as_tensor(caption_to_image).long().reshape(-1)[caps], caps]
+    return 100.0 * int((own > scores[twin, caps]).sum()) / len(caps)
+
+
+def twin_accuracy_encoded(model: torch.nn.Module, enc_images, enc_texts, caption_to_image: torch.Tensor,
+                          twin_of: np.ndarray, chunk_captions: int = 100, **score_kw) -> Optional[float]:
+    """`twin_accuracy` without the whole score matrix: enc_images EncodedImages (N_img), enc_texts EncodedTexts
+    (N_caps) of the split; only the pairs (own image, c) and (twin, c) of each twin caption c are needed, so the
+    twin captions are scored in chunks of `chunk_captions` against the images they name (own and twin), which is
+    a small fraction of all pairs wherever the twin sits in the split. score_kw go to `score_all`."""
+    c2i = torch.as_tensor(caption_to_image).long().reshape(-1)
+    caps, twin = _twin_captions(c2i, twin_of)
+    if not len(caps):
+        return None
+    wins = 0
+    for k in range(0, len(caps), chunk_captions):
+        cap, tw = caps[k:k + chunk_captions], twin[k:k + chunk_captions]
+        imgs, pos = torch.unique(torch.cat([c2i[cap], tw]), return_inverse=True)  # images named, row of each
+        block = score_all(model, enc_images[imgs], enc_texts[cap], **score_kw)  # (n_imgs, n_cap)
+        col = torch.arange(len(cap))
+        wins += int((block[pos[:len(cap)], col] > block[pos[len(cap):], col]).sum())
+    return 100.0 * wins / len(caps)
 
 
 def read_twins(root: Path, split: str, n_images: int) -> np.ndarray:
@@ -121,19 +154,52 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Optio
     return path
 
 
+def fold_count(n_images: int, fold_images: int, where: str = "the test split") -> int:
+    """How many folds of `fold_images` consecutive images the demo scores a test split of n_images in: 1 (all
+    pairs) when fold_images <= 0 or the split is no larger; ValueError naming `where` when it does not divide."""
+    if fold_images <= 0 or n_images <= fold_images:
+        return 1
+    if n_images % fold_images:
+        raise ValueError(f"{where} has {n_images} images, which do not make folds of {fold_images} "
+                         f"(a multiple of {fold_images} images, or fold_images=0 to score all pairs)")
+    return n_images // fold_images
+
+
+def evaluate_test(model: torch.nn.Module, tokenizer, data: dict, split: PrecompSplit, twin_of: np.ndarray,
+                  n_folds: int) -> dict:
+    """The demo's test metrics of a model -> {metric: mean over folds, ..., "folds": [per fold], "twin_acc"}.
+
+    The split (N_img images) is scored as n_folds folds of consecutive images against their own captions (COCO
+    1K's protocol: `score_folds`, a 1/n_folds share of all pairs), and twin accuracy over every twin caption of
+    the split, the twin in its fold or not (`twin_accuracy_encoded`). data: the run's data config (batch and
+    block sizes)."""
+    enc_i, enc_t = encode_split(model, split, tokenizer, data)
+    kw = dict(block_images=int(data.get("block_images", 128)), block_texts=int(data.get("block_texts", 512)))
+    c2i = torch.as_tensor(split.caption_to_image).long()
+    out = evaluate_folds(score_folds(model, enc_i, enc_t, c2i, n_folds, **kw), c2i)
+    out["twin_acc"] = twin_accuracy_encoded(model, enc_i, enc_t, c2i, twin_of, **kw)
+    return out
+
+
 def run_demo(data_root: str | Path, out_dir: str | Path, preset: str = "demo_synth", entries=DEMO_ENTRIES,
              extra_overrides: tuple[str, ...] = (), resume: bool = True, progress: bool = False,
-             on_event: Callable[[str], None] = lambda msg: None, build_index: bool = True) -> dict:
+             on_event: Callable[[str], None] = lambda msg: None, build_index: bool = True,
+             fold_images: int = DEMO_FOLD_IMAGES) -> dict:
     """Train and evaluate every entry on the synthetic benchmark at data_root; results under out_dir.
 
-    Returns {"rows": [{label, model, metrics..., twin_acc, train_seconds, parameters}], "plot": path|None,
-    "index": path|None, "env": run_environment()}. With resume=True an entry whose run already finished with the
-    same config is not retrained, and one that was killed continues from its last checkpoint. With build_index,
-    the test split's search index of the first entry (TVRN) goes to OUT/test.index (`demo_index`).
+    The test split is scored in folds of `fold_images` consecutive images (`fold_count`, `evaluate_test`; 0: all
+    pairs). Returns {"rows": [{label, model, metrics..., folds, twin_acc, test, train_seconds, parameters}],
+    "test": {images, captions, folds, fold_images}, "plot": path|None, "index": path|None, "env":
+    run_environment()}. With resume=True an entry whose run already finished with the same config is not
+    retrained (only re-evaluated if its row was evaluated on another test), and one that was killed continues
+    from its last checkpoint. With build_index, the test split's search index of the first entry (TVRN) goes to
+    OUT/test.index (`demo_index`).
     """
     data_root, out_dir = Path(data_root), Path(out_dir)
     test = load_split(data_root, "test")
-    c2i = torch.as_tensor(test.caption_to_image)
+    n_folds = fold_count(test.num_images, fold_images, where=f"the test split of {data_root}")
+    test_desc = {"images": test.num_images, "captions": test.num_captions, "folds": n_folds,
+                 "fold_images": test.num_images // n_folds}
     twins = read_twins(data_root, "test", test.num_images)
     rows, curves = [], {}
     for entry in entries:
@@ -141,24 +207,31 @@ def run_demo(data_root: str | Path, out_dir: str | Path, preset: str = "demo_syn
         cfg = resolve_config(preset, [f"data.root={data_root}", *entry.overrides, *extra_overrides])
         result_path = run_dir / "result.json"
         done = json.loads(result_path.read_text()) if result_path.exists() else None
-        if resume and done and done.get("config") == cfg and (run_dir / "best.pt").exists():
+        trained = bool(resume and done and done.get("config") == cfg and (run_dir / "best.pt").exists())
+        if trained and done.get("test") == test_desc:
             on_event(f"{entry.label}: already trained ({run_dir})")
-            row = done
+            rows.append(done)
+            curves[entry.label] = read_curve(run_dir)
+            continue
+        if trained:
+            on_event(f"{entry.label}: already trained ({run_dir}); evaluating it on this test split")
+            training = {k: done[k] for k in ("train_seconds", "parameters", "best_epoch", "best_dev_rsum")}
         else:
             on_event(f"{entry.label}: training {cfg['model']['name']} for {cfg['train']['epochs']} epochs -> {run_dir}")
             t0 = time.time()
             # continue a killed run of this config; a run of another config is replaced
             summary = train_from_config(cfg, run_dir, resume=resume and can_resume(cfg, run_dir), progress=progress)
-            seconds = time.time() - t0
-            model, tokenizer, _ = load_trained(run_dir / "best.pt")
-            scores = score_split(model, test, tokenizer, cfg["data"])
-            row = {"label": entry.label, "model": cfg["model"]["name"], "overrides": entry.overrides,
-                   **evaluate(scores, c2i), "twin_acc": twin_accuracy(scores, c2i, twins),
-                   "train_seconds": seconds, "parameters": summary["parameters"],
-                   "best_epoch": summary["best_epoch"], "best_dev_rsum": summary["best_rsum"], "config": cfg}
-            write_json(result_path, row)
-            on_event(f"{entry.label}: test RSUM {row['rsum']:.1f}, twin accuracy {row['twin_acc']:.1f}% "
-                     f"({seconds:.0f} s)")
+            training = {"train_seconds": time.time() - t0, "parameters": summary["parameters"],
+                        "best_epoch": summary["best_epoch"], "best_dev_rsum": summary["best_rsum"]}
+        t0 = time.time()
+        model, tokenizer, _ = load_trained(run_dir / "best.pt")
+        metrics = evaluate_test(model, tokenizer, cfg["data"], test, twins, n_folds)
+        row = {"label": entry.label, "model": cfg["model"]["name"], "overrides": entry.overrides, **metrics,
+               "test": test_desc, **training, "eval_seconds": time.time() - t0, "config": cfg}
+        write_json(result_path, row)
+        twin = "n/a" if row["twin_acc"] is None else f"{row['twin_acc']:.1f}%"
+        on_event(f"{entry.label}: test RSUM {row['rsum']:.1f}, twin accuracy {twin} "
+                 f"(trained {row['train_seconds']:.0f} s, evaluated {row['eval_seconds']:.0f} s)")
         rows.append(row)
         curves[entry.label] = read_curve(run_dir)
     plot = plot_curves(curves, out_dir / "dev_rsum.png")
@@ -166,8 +239,8 @@ def run_demo(data_root: str | Path, out_dir: str | Path, preset: str = "demo_syn
     if build_index and entries and (out_dir / run_folder(entries[0]) / "best.pt").exists():
         index = demo_index(out_dir / run_folder(entries[0]) / "best.pt", data_root, out_dir / "test.index",
                            reuse=resume, on_event=on_event)
-    summary = {"data": str(data_root), "preset": preset, "rows": rows, "plot": str(plot) if plot else None,
-               "index": str(index) if index else None, "env": run_environment()}
+    summary = {"data": str(data_root), "preset": preset, "test": test_desc, "rows": rows,
+               "plot": str(plot) if plot else None, "index": str(index) if index else None, "env": run_environment()}
     write_json(out_dir / "results.json", summary)
     return summary
 

@@ -77,13 +77,36 @@ def evaluate_protocol(
         out: dict[str, Any] = dict(evaluate(scores, c2i))
         out["protocol"] = protocol
         return out
-    folds = []
-    for rows, caps in fold_indices(c2i, scores.shape[0], n_folds):
-        sub = scores[rows][:, caps]  # (Ni/F, n_k)
-        folds.append(evaluate(sub, c2i[caps] - rows.start))
-    out = {k: float(np.mean([f[k] for f in folds])) for k in METRIC_NAMES}
+    folds = [(rows, caps, scores[rows][:, caps]) for rows, caps in fold_indices(c2i, scores.shape[0], n_folds)]
+    out = evaluate_folds(folds, c2i)
     out["protocol"] = protocol
-    out["folds"] = folds
+    return out
+
+
+def evaluate_folds(folds: Sequence[tuple[slice, torch.Tensor, torch.Tensor]],
+                   caption_to_image: torch.Tensor) -> dict[str, Any]:
+    """Metrics of each fold and their mean -> {metric: mean over folds, ..., "folds": [dict per fold]}.
+
+    folds: [(image slice, caption indices (n_k,) long, scores (Ni/F, n_k))], as `fold_indices` and `score_folds`
+    give them; caption_to_image: (Nt,) of the whole split."""
+    c2i = torch.as_tensor(caption_to_image).long().reshape(-1)
+    per_fold = [evaluate(sub, c2i[caps] - rows.start) for rows, caps, sub in folds]
+    out: dict[str, Any] = {k: float(np.mean([f[k] for f in per_fold])) for k in METRIC_NAMES}
+    out["folds"] = per_fold
+    return out
+
+
+def score_folds(model: nn.Module, enc_images: Any, enc_texts: Any, caption_to_image: torch.Tensor, n_folds: int,
+                **score_kw) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """Score only the pairs inside each fold (COCO 1K's consecutive-image folds, `fold_indices`): a 1/n_folds
+    share of all pairs -> [(image slice, caption indices (n_k,) long, scores (Ni/F, n_k) float32)].
+
+    enc_images: EncodedImages (Ni), enc_texts: EncodedTexts (Nt) of the whole split (`encode_split`); score_kw go to
+    `score_all` (block sizes, device, ...). `evaluate_folds` of the result equals `evaluate_protocol(scores,
+    c2i, "coco_1k", n_folds)` of the full matrix up to the scorer's rounding (tests/test_evaluation.py)."""
+    out = []
+    for rows, caps in fold_indices(caption_to_image, len(enc_images), n_folds):
+        out.append((rows, caps, score_all(model, enc_images[rows], enc_texts[caps], **score_kw)))
     return out
 
 
