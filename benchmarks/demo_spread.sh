@@ -1,7 +1,7 @@
 #!/bin/bash
 # How far the demo's table moves (issue 21): `tvrn demo --fresh` with train.seed 0-3 at one thread (two demos at a
-# time; other seeds stand for other machines, whose float rounding parts runs as a seed does), then seed 0 with two
-# threads (what `make demo` runs) and with two threads on AVX2 kernels (as another CPU would pick). Each row's test
+# time: other initial weights and data orders), seed 0 at one thread on AVX2 kernels and on none (as other CPUs
+# would pick), then seed 0 with two threads (what `make demo` runs) and with two threads on AVX2 kernels. Each row's test
 # RSUM (the mean of the test split's five folds) and twin accuracy per run, their range, how far each run is from
 # what `make demo` prints, and the wall time of each demo. A demo whose results are in OUT already is not run again
 # (delete OUT/NAME to rerun it).
@@ -27,6 +27,11 @@ for pair in "0 1" "2 3"; do
   for s in $pair; do demo "seed$s" 1 .venv/bin/tvrn demo --fresh --set train.seed="$s" & done
   wait
 done
+# the other kernel sets at one thread: AVX2, and none (ATen's scalar kernels, MKL at SSE4.2, oneDNN at SSE4.1)
+demo threads1_avx2 1 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 .venv/bin/tvrn demo --fresh &
+demo threads1_nosimd 1 ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 \
+  .venv/bin/tvrn demo --fresh &
+wait
 demo threads2 2 .venv/bin/tvrn demo --fresh
 demo threads2_avx2 2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 .venv/bin/tvrn demo --fresh
 .venv/bin/python - "$OUT" <<'PY'
@@ -39,7 +44,8 @@ from tvrn.pipeline import cpu_model
 
 out = Path(sys.argv[1])
 runs = {"seed0": "seed 0, 1 thread", "seed1": "seed 1, 1 thread", "seed2": "seed 2, 1 thread",
-        "seed3": "seed 3, 1 thread", "threads2": "seed 0, 2 threads (make demo)",
+        "seed3": "seed 3, 1 thread", "threads1_avx2": "seed 0, 1 thread, AVX2 kernels",
+        "threads1_nosimd": "seed 0, 1 thread, no SIMD kernels", "threads2": "seed 0, 2 threads (make demo)",
         "threads2_avx2": "seed 0, 2 threads, AVX2 kernels"}
 table, seconds, eval_seconds, env, test = {}, {}, {}, {}, None
 for name in runs:
@@ -61,7 +67,7 @@ def largest_distance(values, shown):
 spread = {}
 for label, per in table.items():
     shown = per["threads2"]  # what `make demo` prints on this machine (the README's table)
-    seed0 = ("seed0", "threads2", "threads2_avx2")  # thread counts and kernels only
+    seed0 = ("seed0", "threads1_avx2", "threads1_nosimd", "threads2", "threads2_avx2")  # thread counts and kernels only
     out_row = {}
     for key, short in (("rsum", "rsum"), ("twin_acc", "twin")):
         vals = [v[key] for v in per.values()]

@@ -35,8 +35,9 @@ class DemoEntry:
 DEMO_ENTRIES = (  # the first entry's run is indexed for `tvrn serve`
     # The preset's first epoch adds the shortlist loss (train.shortlist_loss_epochs=1): from a random start the
     # similarity head scores every pair alike, and SGRAF and TVRN then sit on the sum loss's plateau for one to
-    # three epochs, for as long as the seed or float rounding decides (TVRN's test RSUM after six epochs: 370-481 over seeds
-    # 0-3); the shortlist cosines give the encoders a signal from the first step. docs/demo.md.
+    # three epochs, for as long as the seed or float rounding decides (TVRN's test RSUM after six epochs on the 200-image
+    # test split: 370-481 over seeds 0-3); the shortlist cosines give the encoders a signal from the first step.
+    # docs/demo.md.
     DemoEntry("TVRN", ["model.name=tvrn_sgr"]),
     DemoEntry("SGRAF (SGR)", ["model.name=sgraf_sgr"]),
     # VSE scores pairs by its shortlist cosines: the shortlist loss would be its own loss counted twice
