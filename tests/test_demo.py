@@ -105,3 +105,10 @@ def test_a_finished_run_is_evaluated_again_not_retrained_when_the_folds_change(t
     assert json.loads((out / "vse" / "result.json").read_text())["test"]["folds"] == 4
     with pytest.raises(ValueError, match="8 images"):
         run_demo(data, out, entries=entries, extra_overrides=small, fold_images=3, build_index=False)
+
+
+def test_table_note_names_the_runs_recipe():
+    from tvrn.demo import table_note
+
+    note = table_note([{"config": {"train": {"seed": 3, "epochs": 2}}}, {"config": {"train": {"seed": 3, "epochs": 2}}}])
+    assert note.startswith("2 epochs of each model") and "train.seed 3," in note

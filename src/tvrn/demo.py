@@ -46,20 +46,26 @@ DEMO_ENTRIES = (  # the first entry's run is indexed for `tvrn serve`
 
 # The demo's benchmark: the standard synthetic one (`tvrn synth`; train and dev byte-identical to it) with a
 # 1,000-image test split, scored as five folds of 200 images, each against its own 1,000 captions (COCO 1K's
-# protocol at a fifth of the scale, so recalls are on the 200-image split's scale): a fold is as hard as the
-# standard test split, and the mean of five moves a fifth as much between runs (docs/demo.md "How far it moves").
+# protocol at a fifth of the scale, so every query ranks among as many candidates as on the 200-image split). One
+# fold's RSUM moved up to 12 points between runs of one seed, the mean of five 2.1 (docs/demo.md "How far it moves").
 DEMO_SYNTH = SynthConfig(test_images=1000)
 DEMO_FOLD_IMAGES = 200
 
-# printed under the table by `tvrn demo`: what the numbers mean and how far they move between machines
-# (measured: docs/demo.md)
-TABLE_NOTE = (
-    "Six epochs of each model (the first with the shortlist loss as a warm-up), train.seed 0, best dev checkpoint.\n"
-    "Identical to the digit for the same code, thread count and CPU kernels (run.json: env.threads,\n"
-    "env.cpu_capability). Measured with another thread count and other kernels: TVRN's row moves by up to 0.8 RSUM\n"
-    "and 1.6 points of twin accuracy, SGRAF's by up to 4.6 and 3.4, VSE's not at all; over seeds 0-3 TVRN ends at\n"
-    "485-490 (docs/demo.md). Which model is better, and whether TVRN's modules bind attributes: docs/study.md\n"
-    "(ten epochs, three seeds).")
+
+def table_note(rows: list[dict]) -> str:
+    """What `tvrn demo` prints under the table: the recipe, what is bitwise, and how far the rows move between
+    machines (measured by benchmarks/demo_spread.sh with the preset's recipe and seed 0: docs/demo.md)."""
+    def values(key: str) -> str:
+        return ", ".join(map(str, sorted({r["config"]["train"][key] for r in rows if "config" in r}))) or "?"
+
+    return (
+        f"{values('epochs')} epochs of each model (the first with the shortlist loss as a warm-up), train.seed "
+        f"{values('seed')}, best dev checkpoint.\n"
+        "Identical to the digit for the same code, thread count and CPU kernels (run.json: env.threads,\n"
+        "env.cpu_capability). Seed 0 with 1 or 2 threads and AVX-512, AVX2 or no SIMD kernels: every row within 3\n"
+        "RSUM and 2 points of twin accuracy of the README's (2 threads, AVX-512; measured: TVRN 1.6 and 1.0, SGRAF\n"
+        "2.1 and 0.7, VSE 0). Another seed moves the rows more (TVRN 504-512 over seeds 0-3, above SGRAF in every\n"
+        "run): docs/demo.md. Which model is better, and whether TVRN's modules bind attributes: docs/study.md.")
 
 
 def _twin_captions(caption_to_image: torch.Tensor, twin_of: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

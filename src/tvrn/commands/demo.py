@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tvrn.config import check_overrides
     from tvrn.data.synth import write_dataset
-    from tvrn.demo import DEMO_FOLD_IMAGES, DEMO_SYNTH, TABLE_NOTE, format_table, run_demo
+    from tvrn.demo import DEMO_FOLD_IMAGES, DEMO_SYNTH, format_table, run_demo, table_note
 
     check_overrides(args.overrides)  # a misspelt key is named now, not after the benchmark is generated
     t0 = time.time()
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"Test split of {data}, {test['images']} images ({how}), best dev checkpoint of each run:")
     print(format_table(summary["rows"]))
-    print("\n" + TABLE_NOTE)
+    print("\n" + table_note(summary["rows"]))
     if summary["plot"]:
         print(f"\ndev RSUM curves: {summary['plot']}")
     print(f"results: {Path(args.out) / 'results.json'}; total {time.time() - t0:.0f} s")
