@@ -20,10 +20,10 @@ import torch
 from .checkpoint import load_trained
 from .data import PrecompSplit, load_split
 from .data.synth import SynthConfig
-from .evaluation import encode_split, evaluate_folds, score_folds
-from .scoring import score_all
+from .evaluation import block_sizes, encode_split, evaluate_folds, score_folds
 from .fileio import write_json
 from .pipeline import can_resume, resolve_config, run_environment, train_from_config
+from .scoring import score_all
 
 
 @dataclass
@@ -182,7 +182,7 @@ def evaluate_test(model: torch.nn.Module, tokenizer, data: dict, split: PrecompS
     the split, the twin in its fold or not (`twin_accuracy_encoded`). data: the run's data config (batch and
     block sizes)."""
     enc_i, enc_t = encode_split(model, split, tokenizer, data)
-    kw = dict(block_images=int(data.get("block_images", 128)), block_texts=int(data.get("block_texts", 512)))
+    kw = block_sizes(data)
     c2i = torch.as_tensor(split.caption_to_image).long()
     out = evaluate_folds(score_folds(model, enc_i, enc_t, c2i, n_folds, **kw), c2i)
     out["twin_acc"] = twin_accuracy_encoded(model, enc_i, enc_t, c2i, twin_of, **kw)

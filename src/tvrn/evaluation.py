@@ -103,7 +103,7 @@ def score_folds(model: nn.Module, enc_images: Any, enc_texts: Any, caption_to_im
 
     enc_images: EncodedImages (Ni), enc_texts: EncodedTexts (Nt) of the whole split (`encode_split`); score_kw go to
     `score_all` (block sizes, device, ...). `evaluate_folds` of the result equals `evaluate_protocol(scores,
-    c2i, "coco_1k", n_folds)` of the full matrix up to the scorer's rounding (tests/test_evaluation.py)."""
+    c2i, "coco_1k", n_folds)` of the full matrix up to the scorer's rounding (tests/test_demo.py)."""
     out = []
     for rows, caps in fold_indices(caption_to_image, len(enc_images), n_folds):
         out.append((rows, caps, score_all(model, enc_images[rows], enc_texts[caps], **score_kw)))
@@ -150,6 +150,11 @@ def encode_split(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, d
     return enc_i, enc_t
 
 
+def block_sizes(data: dict) -> dict[str, int]:
+    """The scorer's block sizes from a run's data config -> {"block_images", "block_texts"} for `score_all`."""
+    return {"block_images": int(data.get("block_images", 128)), "block_texts": int(data.get("block_texts", 512))}
+
+
 @torch.no_grad()
 def score_split(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, device=None,
                 progress: bool = False, encoded=None) -> torch.Tensor:
@@ -162,8 +167,7 @@ def score_split(model: nn.Module, split: PrecompSplit, tokenizer, data: dict, de
     every rank gets the single-process matrix bit for bit (collective: every rank must call it;
     tests/test_distributed.py)."""
     info = dist_info()
-    kw = dict(block_images=int(data.get("block_images", 128)), block_texts=int(data.get("block_texts", 512)),
-              device=device, progress=progress and info.is_main)
+    kw = dict(**block_sizes(data), device=device, progress=progress and info.is_main)
     enc_i, enc_t = encoded or encode_split(model, split, tokenizer, data, device=device, progress=kw["progress"])
     if info.enabled:
         return all_reduce_sum_(score_all(model, enc_i, enc_t, shard=(info.rank, info.world_size), **kw))
